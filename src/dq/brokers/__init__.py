@@ -1,0 +1,1 @@
+"""Broker implementations: `dq.brokers.stub` (in memory) for now."""

@@ -1,0 +1,363 @@
+"""`StubBroker`: an in-memory broker for tests, interpreting `dq.core` directly.
+
+It holds one `dq.core.BrokerState` value under one lock. Every operation builds a
+command, applies it with `dq.core.apply`, stores the new state, wakes whoever waits
+on it and turns the step's events into middleware hooks. Its storage *is* the state
+value, so the step's effects need no I/O. Reads (``join``, queue sizes) look at the
+current value without copying anything: it is immutable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from dq import runtime
+from dq.broker import Broker, Consumer, MessageProxy
+from dq.core import (
+    Ack,
+    BrokerState,
+    Command,
+    DeclareQueue,
+    Enqueue,
+    Flush,
+    FlushAll,
+    InvalidTransition,
+    Nack,
+    Release,
+    Requeue,
+    Reserve,
+    Status,
+    Step,
+    apply,
+    initial_state,
+    policy,
+)
+from dq.core import Message as CoreMessage
+from dq.core import events as ev
+from dq.core.machine import pending
+from dq.errors import DecodeError, QueueJoinTimeout, QueueNotFound
+from dq.message import Message, get_encoder
+from dq.middleware import Middleware
+from dq.wire import decode_message, encode_message
+
+__all__ = ["StubBroker"]
+
+M = TypeVar("M", bound=CoreMessage[Any])
+
+_consumer_ids = itertools.count(1)
+
+
+class StubQueue:
+    """A read-only view of one stub queue (Dramatiq's stub exposes ``Queue`` objects)."""
+
+    __slots__ = ("_broker", "name")
+
+    def __init__(self, broker: StubBroker, name: str) -> None:
+        self._broker = broker
+        self.name = name
+
+    def qsize(self) -> int:
+        """Return how many messages wait on this queue (not counting reserved ones)."""
+        queue = self._broker.state.queues.get(policy.q_name(self.name))
+        if queue is None:
+            return 0
+        return len(queue.delayed if policy.is_delay_queue(self.name) else queue.ready)
+
+    def empty(self) -> bool:
+        """Return whether no message waits on this queue."""
+        return self.qsize() == 0
+
+    __len__ = qsize
+
+    def __repr__(self) -> str:
+        return f"<StubQueue {self.name!r} size={self.qsize()}>"
+
+
+class StubBroker(Broker):
+    """An in-memory broker for tests.
+
+    Args:
+        middleware: as for `Broker`.
+        fail_fast_default: the default of ``join``'s ``fail_fast``.
+
+    Attributes:
+        dead_letters_by_queue: dead-lettered messages (with the exception that killed
+            them) by canonical queue name.
+    """
+
+    def __init__(
+        self, middleware: list[Middleware] | None = None, *, fail_fast_default: bool = True
+    ) -> None:
+        self._state: BrokerState = initial_state()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0  # threads in self._cond.wait(); notify only when there are some
+        self.dead_letters_by_queue: defaultdict[str, list[MessageProxy]] = defaultdict(list)
+        self.fail_fast_default = fail_fast_default
+        super().__init__(middleware)
+
+    # -- the interpreter -------------------------------------------------------------
+
+    @property
+    def state(self) -> BrokerState:
+        """The current core state (an immutable value: safe to read at any time)."""
+        return self._state
+
+    def _apply(self, command: Command) -> Step:
+        """Apply ``command`` under the lock, store the new state and wake waiters.
+
+        Raises:
+            QueueNotFound: the command addresses an undeclared queue.
+            InvalidTransition: any other command the core refuses.
+        """
+        with self._cond:
+            try:
+                step = apply(self._state, command)
+            except InvalidTransition as e:
+                if e.status in (Status.UNDECLARED, Status.DEAD_LETTER_QUEUE):
+                    raise QueueNotFound(_queue_of(command)) from None
+                raise
+            self._state = step.state
+            if step.effects and self._waiters:
+                self._cond.notify_all()
+        return step
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait for the next state change (call with ``self._cond`` held)."""
+        self._waiters += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiters -= 1
+
+    # -- Broker API --------------------------------------------------------------------
+
+    def declare_queue(self, queue_name: str) -> None:
+        """Declare ``queue_name`` and its delay queue (a no-op when declared).
+
+        Raises:
+            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
+        """
+        if policy.q_name(queue_name) in self._state.queues:
+            return
+        self._run_before(self._hooks.before_declare_queue, queue_name)
+        step = self._apply(DeclareQueue(queue_name))
+        for event in step.events:
+            if isinstance(event, ev.QueueDeclared):
+                self.queues[event.queue_name] = StubQueue(self, event.queue_name)
+                self._run_after(self._hooks.after_declare_queue, event.queue_name)
+            elif isinstance(event, ev.DelayQueueDeclared):
+                self.queues[event.queue_name] = StubQueue(self, event.queue_name)
+                self.delay_queues.add(event.queue_name)
+                self._run_after(self._hooks.after_declare_delay_queue, event.queue_name)
+
+    def enqueue(self, message: M, *, delay: int | None = None) -> M:
+        """Store ``message``; with ``delay`` (ms), a copy on ``q.DQ`` with an ``eta``.
+
+        Returns:
+            The message as stored.
+
+        Raises:
+            QueueNotFound: its queue is not declared.
+            TypeError: it is not serialisable by the global encoder (nothing is stored).
+            ValueError: ``delay`` is negative.
+        """
+        if delay is not None:
+            if not _is_delay(delay):
+                raise ValueError(f"delay must be a whole number of ms >= 0, got {delay!r}")
+            message = policy.delayed(message, delay_ms=delay, now_ms=runtime.get_clock().now_ms())
+        if self._hooks.before_enqueue:
+            # Dramatiq checks the queue before the hooks run; apply() checks it too.
+            if policy.q_name(message.queue_name) not in self._state.queues:
+                raise QueueNotFound(message.queue_name)
+            self._run_before(self._hooks.before_enqueue, message, delay)
+        payload = encode_message(message, get_encoder())
+        self._apply(Enqueue(message, payload))
+        if self._hooks.after_enqueue:
+            self._run_after(self._hooks.after_enqueue, message, delay)
+        return message
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:
+        """Return a consumer of ``queue_name`` (a queue or its ``.DQ``).
+
+        Args:
+            queue_name: the queue.
+            prefetch: how many unsettled messages the consumer may hold.
+            timeout: ms ``next()`` waits before raising ``StopIteration``.
+
+        Raises:
+            QueueNotFound: the queue is not declared.
+            ValueError: ``prefetch`` < 1 or ``timeout`` < 0.
+        """
+        if policy.q_name(queue_name) not in self._state.queues or queue_name.endswith(
+            policy.DEAD_SUFFIX
+        ):
+            raise QueueNotFound(queue_name)
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch!r}")
+        if timeout < 0:
+            raise ValueError(f"timeout must be >= 0 ms, got {timeout!r}")
+        return _StubConsumer(self, queue_name, prefetch, timeout)
+
+    def flush(self, queue_name: str) -> None:
+        """Drop the waiting messages and dead letters of ``queue_name`` and its ``.DQ``.
+
+        Reserved messages stay with their consumers.
+
+        Raises:
+            QueueNotFound: the queue is not declared.
+        """
+        self._apply(Flush(queue_name))
+        self.dead_letters_by_queue.pop(policy.q_name(queue_name), None)
+
+    def flush_all(self) -> None:
+        """Drop every waiting message and every dead letter."""
+        self._apply(FlushAll())
+        for dead in self.dead_letters_by_queue.values():
+            dead.clear()
+
+    def join(
+        self, queue_name: str, *, timeout: int | None = None, fail_fast: bool | None = None
+    ) -> None:
+        """Block until ``queue_name`` and its ``.DQ`` have no unfinished messages.
+
+        Args:
+            queue_name: the queue.
+            timeout: ms to wait at most; None waits forever.
+            fail_fast: when true, re-raise the exception of the first message
+                dead-lettered on this queue during the join (None means the broker's
+                ``fail_fast_default``).
+
+        Raises:
+            QueueNotFound: the queue is not declared.
+            QueueJoinTimeout: ``timeout`` passed first.
+        """
+        name = policy.q_name(queue_name)
+        if name not in self._state.queues:
+            raise QueueNotFound(queue_name)
+        should_fail_fast = self.fail_fast_default if fail_fast is None else fail_fast
+        dead_before = len(self.dead_letters_by_queue.get(name, ()))
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        with self._cond:
+            while pending(self._state, name):
+                if deadline is None:
+                    self._wait(None)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueJoinTimeout(queue_name)
+                self._wait(remaining)
+        if should_fail_fast:
+            for proxy in self.dead_letters_by_queue.get(name, [])[dead_before:]:
+                raise (proxy._exception or Exception("Message failed with unknown error")) from None
+
+    @property
+    def dead_letters(self) -> list[MessageProxy]:
+        """Every dead-lettered message, by queue."""
+        return [m for messages in self.dead_letters_by_queue.values() for m in messages]
+
+
+def _is_delay(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _queue_of(command: Command) -> str:
+    if isinstance(command, Enqueue):
+        return command.message.queue_name
+    return str(getattr(command, "queue_name", "?"))
+
+
+class _StubConsumer(Consumer):
+    """A consumer of one stub queue: reserves one entry per ``next()``, up to prefetch."""
+
+    def __init__(self, broker: StubBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.broker = broker
+        self.queue_name = queue_name
+        self.prefetch = prefetch
+        self.timeout = timeout
+        self.consumer_id = f"stub-consumer-{next(_consumer_ids)}"
+        self._outstanding = 0
+        self._closed = False
+
+    def __next__(self) -> MessageProxy:
+        broker = self.broker
+        cond = broker._cond
+        deadline = time.monotonic() + self.timeout / 1000
+        while True:
+            with cond:
+                entry = None
+                while entry is None:
+                    if self._closed:
+                        raise StopIteration
+                    if self._outstanding < self.prefetch:
+                        step = apply(broker._state, Reserve(self.queue_name, self.consumer_id, 1))
+                        if step.events:
+                            broker._state = step.state
+                            self._outstanding += 1
+                            (event,) = step.events
+                            assert isinstance(event, ev.Reserved)
+                            (entry,) = event.entries
+                            break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StopIteration
+                    broker._wait(remaining)
+            try:
+                message = decode_message(entry.payload, get_encoder(), Message)
+            except DecodeError as e:
+                # Never drop it: dead-letter what cannot be decoded, and go on.
+                broker.logger.error("Dead-lettering undecodable message: %s", e)
+                self._settle(Nack(entry.seq, runtime.get_clock().now_ms()))
+                continue
+            proxy = MessageProxy(broker, message)
+            proxy._tag = entry.seq
+            return proxy
+
+    def _settle(self, command: Command) -> None:
+        self.broker._apply(command)
+        self._outstanding -= 1
+
+    def ack(self, message: MessageProxy) -> None:
+        """Settle ``message`` as done.
+
+        Raises:
+            InvalidTransition: it is not reserved (already settled, requeued, or
+                never delivered by a consumer of this broker).
+        """
+        self._settle(Ack(_seq(message)))
+
+    def nack(self, message: MessageProxy) -> None:
+        """Dead-letter ``message``.
+
+        Raises:
+            InvalidTransition: it is not reserved.
+        """
+        self._settle(Nack(_seq(message), runtime.get_clock().now_ms()))
+        name = policy.q_name(message.queue_name)
+        self.broker.dead_letters_by_queue[name].append(message)
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        """Return unprocessed ``messages`` to the tail of their queue."""
+        for message in messages:
+            self._settle(Requeue(_seq(message)))
+
+    def close(self) -> None:
+        """Close the consumer; whatever it still holds goes back to its queue."""
+        if self._closed:
+            return
+        self._closed = True
+        self.broker._apply(Release(self.consumer_id))
+        self._outstanding = 0
+
+
+def _seq(message: MessageProxy) -> int:
+    tag = message._tag
+    if not isinstance(tag, int):
+        raise ValueError(
+            f"{message!r} was not delivered by a StubBroker consumer (it has no delivery tag)"
+        )
+    return tag

@@ -1,0 +1,77 @@
+"""dq's pure core: immutable records, and every broker transition as a function.
+
+Nothing here does I/O, reads a clock, makes an id, draws a random number, starts a
+thread or logs: time, ids and random draws come in as arguments. A test walks the
+AST of this package and fails on any other import than the standard library's pure
+modules, ``attrs``, ``rpds`` and ``dq.core`` itself.
+"""
+
+from dq.core import commands, effects, events, policy
+from dq.core._frozendict import EMPTY, FrozenDict, freeze
+from dq.core.commands import (
+    Ack,
+    Command,
+    DeclareQueue,
+    Enqueue,
+    Flush,
+    FlushAll,
+    Nack,
+    Promote,
+    Release,
+    Requeue,
+    Reserve,
+)
+from dq.core.errors import CoreError, InvalidTransition, InvalidValue
+from dq.core.machine import TRANSITIONS, Status, Step, apply, status_of
+from dq.core.persistent import PQueue, empty_queue
+from dq.core.records import (
+    JSON,
+    BrokerState,
+    DeadLetter,
+    Entry,
+    Message,
+    QueueState,
+    Reservation,
+    Row,
+    initial_state,
+)
+
+__all__ = [
+    "EMPTY",
+    "JSON",
+    "TRANSITIONS",
+    "Ack",
+    "BrokerState",
+    "Command",
+    "CoreError",
+    "DeadLetter",
+    "DeclareQueue",
+    "Enqueue",
+    "Entry",
+    "Flush",
+    "FlushAll",
+    "FrozenDict",
+    "InvalidTransition",
+    "InvalidValue",
+    "Message",
+    "Nack",
+    "PQueue",
+    "Promote",
+    "QueueState",
+    "Release",
+    "Requeue",
+    "Reservation",
+    "Reserve",
+    "Row",
+    "Status",
+    "Step",
+    "apply",
+    "commands",
+    "effects",
+    "empty_queue",
+    "events",
+    "freeze",
+    "initial_state",
+    "policy",
+    "status_of",
+]

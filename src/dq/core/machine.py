@@ -1,0 +1,442 @@
+"""The broker state machine: every transition a message can make, in one table.
+
+Theory of operation
+===================
+
+A broker holds one `BrokerState` value. An interpreter (the in-memory `StubBroker`,
+the Redis, RabbitMQ or SQLite brokers, a user's own runtime) turns each operation into
+a *command* and calls ``apply(state, command)``, which returns a `Step`: the next
+state, the *effects* the world must perform for that state to be real, and the
+*events* that happened (brokers turn them into middleware hooks). `apply` does no I/O,
+reads no clock, makes no ids and never mutates its input; time and payload bytes come
+in inside the command.
+
+Rules:
+
+1. Every command addresses one subject: a queue, a stored entry, or the broker. The
+   subject's `Status` and the command's type select one handler in `TRANSITIONS`.
+2. A (status, command) pair that is not in the table raises `InvalidTransition`, never
+   a silent no-op. A no-op that is meant (re-declaring a queue) has its own row.
+3. Nothing is lost inside a step: an entry leaves one place only in the step that puts
+   it in another (ready → reserved → acked | dead-lettered | requeued; held → promoted).
+4. A replacement is stored before what it replaces is forgotten: `Promote` stores the
+   new copy and drops the held one in the same step.
+
+The life of a message::
+
+                 Enqueue                    Enqueue (delayed: q.DQ + eta)
+                    │                                  │
+                    ▼                                  ▼
+                ┌───────┐  Requeue              ┌─────────┐  Requeue
+                │ READY │◄──────────┐           │ DELAYED │◄──────────┐
+                └───┬───┘           │           └────┬────┘           │
+            Reserve │               │        Reserve │ (from q.DQ)    │
+                    ▼               │                ▼                │
+              ┌──────────┐          │           ┌────────┐            │
+              │ RESERVED ├──────────┘           │  HELD  ├────────────┘
+              └─┬──────┬─┘                      └┬──┬──┬─┘
+            Ack │      │ Nack               Ack  │  │  │ Promote (eta passed):
+                ▼      ▼                         │  │  │ a new READY copy on q,
+            (acked)  DEAD-LETTERED ◄─────────────┼──┘  │ the held one forgotten,
+                ▲      (q.XQ)             Nack   │     │ in one step
+                └────────────────────────────────┘     └──► READY
+
+    Flush drops READY, DELAYED and DEAD-LETTERED entries of a queue; RESERVED and
+    HELD entries stay with their consumers. Release returns everything a consumer
+    holds to READY / DELAYED (it closed or died).
+
+Statuses a command can observe are the rows of the table: a queue is UNDECLARED or
+DECLARED; an entry is RESERVED (taken from ``q``), HELD (taken from ``q.DQ``) or
+UNRESERVED (waiting, settled, flushed or never stored: nothing may settle it); the
+broker itself is always OPEN. A ``q.XQ`` name is a DEAD_LETTER_QUEUE: no command
+addresses one directly (dead letters are made by Nack and dropped by Flush).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from dq.core import commands as c
+from dq.core import effects as fx
+from dq.core import events as ev
+from dq.core.errors import InvalidTransition
+from dq.core.persistent import PQueue, empty_queue
+from dq.core.policy import (
+    DEAD_SUFFIX,
+    DELAY_SUFFIX,
+    message_eta_ms,
+    q_name,
+    xq_name,
+)
+from dq.core.records import BrokerState, DeadLetter, Entry, QueueState, Reservation, Row
+
+
+class Status(enum.Enum):
+    """The state of a command's subject."""
+
+    UNDECLARED = "undeclared"  # queue
+    DECLARED = "declared"  # queue
+    DEAD_LETTER_QUEUE = "dead-letter queue"  # a q.XQ name: nothing is done *on* it
+    RESERVED = "reserved"  # entry taken from a canonical queue
+    HELD = "held"  # entry taken from a delay queue
+    UNRESERVED = "unreserved"  # entry nobody holds
+    OPEN = "open"  # the broker
+
+    # Members are singletons: identity hashing is correct and much cheaper than
+    # Enum's name-based hash (every apply looks a (status, type) pair up).
+    __hash__ = object.__hash__
+
+
+@attrs.frozen
+class Step:
+    """The result of applying one command.
+
+    Attributes:
+        state: the next state.
+        effects: what the world must do, in order.
+        events: what happened, in order.
+    """
+
+    state: BrokerState
+    effects: tuple[fx.Effect, ...] = ()
+    events: tuple[ev.Event, ...] = ()
+
+
+Handler = Callable[[BrokerState, Any], Step]
+
+# -- subject status --------------------------------------------------------------
+
+
+def _queue_status(state: BrokerState, queue_name: str) -> Status:
+    if queue_name.endswith(DEAD_SUFFIX):
+        return Status.DEAD_LETTER_QUEUE
+    return Status.DECLARED if q_name(queue_name) in state.queues else Status.UNDECLARED
+
+
+def _entry_status(state: BrokerState, seq: int) -> Status:
+    reservation = state.reserved.get(seq)
+    if reservation is None:
+        return Status.UNRESERVED
+    if reservation.entry.queue_name.endswith(DELAY_SUFFIX):
+        return Status.HELD
+    return Status.RESERVED
+
+
+_SUBJECT: dict[type[c.Command], Callable[[BrokerState, Any], Status]] = {
+    c.DeclareQueue: lambda s, cmd: _queue_status(s, cmd.queue_name),
+    c.Enqueue: lambda s, cmd: _queue_status(s, cmd.message.queue_name),
+    c.Reserve: lambda s, cmd: _queue_status(s, cmd.queue_name),
+    c.Flush: lambda s, cmd: _queue_status(s, cmd.queue_name),
+    c.Ack: lambda s, cmd: _entry_status(s, cmd.seq),
+    c.Nack: lambda s, cmd: _entry_status(s, cmd.seq),
+    c.Requeue: lambda s, cmd: _entry_status(s, cmd.seq),
+    c.Promote: lambda s, cmd: _entry_status(s, cmd.seq),
+    c.FlushAll: lambda s, cmd: Status.OPEN,
+    c.Release: lambda s, cmd: Status.OPEN,
+}
+
+
+def status_of(state: BrokerState, command: c.Command) -> Status:
+    """Return the status of the subject ``command`` addresses in ``state``."""
+    return _SUBJECT[type(command)](state, command)
+
+
+# -- handlers --------------------------------------------------------------------
+
+
+def _declare(state: BrokerState, command: c.DeclareQueue) -> Step:
+    name = q_name(command.queue_name)
+    return Step(
+        BrokerState(state.queues.insert(name, QueueState(name)), state.reserved, state.next_seq),
+        (),
+        (ev.QueueDeclared(name), ev.DelayQueueDeclared(name + DELAY_SUFFIX)),
+    )
+
+
+def _already_declared(state: BrokerState, command: c.DeclareQueue) -> Step:
+    return Step(state)
+
+
+def _enqueue(state: BrokerState, command: c.Enqueue) -> Step:
+    message = command.message
+    queue_name = message.queue_name
+    seq = state.next_seq
+    effect: fx.Effect
+    if queue_name.endswith(DELAY_SUFFIX):
+        name = queue_name[:-3]
+        queue = state.queues[name]
+        row: Row = (seq, queue_name, message.message_id, message_eta_ms(message), command.payload)
+        queue = QueueState(name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead)
+        effect = fx.PushDelayed(row)
+    else:
+        queue = state.queues[queue_name]
+        row = (seq, queue_name, message.message_id, None, command.payload)
+        queue = QueueState(
+            queue_name, queue.ready.push(row), queue.delayed, queue.in_flight, queue.dead
+        )
+        effect = fx.PushReady(row)
+    return Step(
+        BrokerState(state.queues.insert(queue.name, queue), state.reserved, seq + 1),
+        (effect,),
+        (ev.Enqueued(row),),
+    )
+
+
+def _reserve(state: BrokerState, command: c.Reserve) -> Step:
+    name = q_name(command.queue_name)
+    queue = state.queues[name]
+    from_delay = command.queue_name.endswith(DELAY_SUFFIX)
+    waiting = queue.delayed if from_delay else queue.ready
+    if not waiting or command.limit <= 0:
+        return Step(state)
+    taken: list[Entry] = []
+    reserved = state.reserved
+    while waiting and len(taken) < command.limit:
+        row, waiting = waiting.pop()
+        entry = Entry.from_row(row)
+        taken.append(entry)
+        reserved = reserved.insert(entry.seq, Reservation(entry, command.consumer))
+    in_flight = queue.in_flight + len(taken)
+    if from_delay:
+        queue = QueueState(name, queue.ready, waiting, in_flight, queue.dead)
+    else:
+        queue = QueueState(name, waiting, queue.delayed, in_flight, queue.dead)
+    entries = tuple(taken)
+    return Step(
+        BrokerState(state.queues.insert(name, queue), reserved, state.next_seq),
+        (fx.Deliver(command.consumer, entries),),
+        (ev.Reserved(command.consumer, entries),),
+    )
+
+
+def _settle(state: BrokerState, seq: int) -> tuple[Entry, QueueState]:
+    """Return a reserved entry and its queue with the reservation's in-flight slot freed."""
+    entry = state.reserved[seq].entry
+    queue = state.queues[q_name(entry.queue_name)]
+    return entry, QueueState(
+        queue.name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead
+    )
+
+
+def _ack(state: BrokerState, command: c.Ack) -> Step:
+    entry, queue = _settle(state, command.seq)
+    return Step(
+        BrokerState(
+            state.queues.insert(queue.name, queue),
+            state.reserved.remove(command.seq),
+            state.next_seq,
+        ),
+        (fx.Forget(entry),),
+        (ev.Acked(entry),),
+    )
+
+
+def _nack(state: BrokerState, command: c.Nack) -> Step:
+    entry, queue = _settle(state, command.seq)
+    queue = QueueState(
+        queue.name,
+        queue.ready,
+        queue.delayed,
+        queue.in_flight,
+        queue.dead.push(DeadLetter(entry, command.now_ms)),
+    )
+    return Step(
+        BrokerState(
+            state.queues.insert(queue.name, queue),
+            state.reserved.remove(command.seq),
+            state.next_seq,
+        ),
+        (fx.DeadLetter(entry, xq_name(queue.name), command.now_ms),),
+        (ev.Nacked(entry),),
+    )
+
+
+def _pushed_back(queue: QueueState, entry: Entry) -> tuple[QueueState, fx.Effect]:
+    """Return ``queue`` with a settled-unprocessed entry at the tail of its list."""
+    row = entry.row
+    if entry.queue_name.endswith(DELAY_SUFFIX):
+        return (
+            QueueState(
+                queue.name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead
+            ),
+            fx.PushDelayed(row),
+        )
+    return (
+        QueueState(queue.name, queue.ready.push(row), queue.delayed, queue.in_flight, queue.dead),
+        fx.PushReady(row),
+    )
+
+
+def _requeue(state: BrokerState, command: c.Requeue) -> Step:
+    entry, queue = _settle(state, command.seq)
+    queue, effect = _pushed_back(queue, entry)
+    return Step(
+        BrokerState(
+            state.queues.insert(queue.name, queue),
+            state.reserved.remove(command.seq),
+            state.next_seq,
+        ),
+        (effect,),
+        (ev.Requeued(entry),),
+    )
+
+
+def _promote(state: BrokerState, command: c.Promote) -> Step:
+    old, queue = _settle(state, command.seq)
+    message = command.message
+    if (
+        message.queue_name != queue.name
+        or message.message_id != old.message_id
+        or "eta" in message.options
+    ):
+        raise InvalidTransition(
+            Status.HELD,
+            command,
+            f"a promoted copy of {old.message_id!r} must be on {queue.name!r} with the same "
+            "message_id and no 'eta' option (see dq.core.policy.promoted)",
+        )
+    new = Entry(state.next_seq, queue.name, message.message_id, None, command.payload)
+    queue = QueueState(
+        queue.name, queue.ready.push(new.row), queue.delayed, queue.in_flight, queue.dead
+    )
+    return Step(
+        BrokerState(
+            state.queues.insert(queue.name, queue),
+            state.reserved.remove(command.seq),
+            state.next_seq + 1,
+        ),
+        # Store the replacement first, then forget the held copy.
+        (fx.PushReady(new.row), fx.Forget(old)),
+        (ev.Promoted(old, new),),
+    )
+
+
+def _flushed(queue: QueueState) -> tuple[QueueState, int]:
+    dropped = len(queue.ready) + len(queue.delayed) + len(queue.dead)
+    empty: PQueue[Any] = empty_queue()
+    return QueueState(queue.name, empty, empty, queue.in_flight, empty), dropped
+
+
+def _flush(state: BrokerState, command: c.Flush) -> Step:
+    queue, dropped = _flushed(state.queues[q_name(command.queue_name)])
+    return Step(
+        BrokerState(state.queues.insert(queue.name, queue), state.reserved, state.next_seq),
+        (fx.Purge(queue.name),),
+        (ev.Flushed(queue.name, dropped),),
+    )
+
+
+def _flush_all(state: BrokerState, command: c.FlushAll) -> Step:
+    queues = state.queues
+    effects: list[fx.Effect] = []
+    events: list[ev.Event] = []
+    for name in sorted(state.queues.keys()):
+        queue, dropped = _flushed(state.queues[name])
+        queues = queues.insert(name, queue)
+        effects.append(fx.Purge(name))
+        events.append(ev.Flushed(name, dropped))
+    return Step(BrokerState(queues, state.reserved, state.next_seq), tuple(effects), tuple(events))
+
+
+def _release(state: BrokerState, command: c.Release) -> Step:
+    queues, reserved = state.queues, state.reserved
+    effects: list[fx.Effect] = []
+    events: list[ev.Event] = []
+    for reservation in held_by(state, command.consumer):
+        entry = reservation.entry
+        name = q_name(entry.queue_name)
+        queue = queues[name]
+        queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
+        queue, effect = _pushed_back(queue, entry)
+        queues = queues.insert(name, queue)
+        reserved = reserved.remove(entry.seq)
+        effects.append(effect)
+        events.append(ev.Requeued(entry))
+    return Step(BrokerState(queues, reserved, state.next_seq), tuple(effects), tuple(events))
+
+
+#: (status of the subject, command type) -> handler. Anything else is invalid.
+TRANSITIONS: dict[tuple[Status, type[c.Command]], Handler] = {
+    (Status.UNDECLARED, c.DeclareQueue): _declare,
+    (Status.DECLARED, c.DeclareQueue): _already_declared,
+    (Status.DECLARED, c.Enqueue): _enqueue,
+    (Status.DECLARED, c.Reserve): _reserve,
+    (Status.DECLARED, c.Flush): _flush,
+    (Status.RESERVED, c.Ack): _ack,
+    (Status.HELD, c.Ack): _ack,
+    (Status.RESERVED, c.Nack): _nack,
+    (Status.HELD, c.Nack): _nack,
+    (Status.RESERVED, c.Requeue): _requeue,
+    (Status.HELD, c.Requeue): _requeue,
+    (Status.HELD, c.Promote): _promote,
+    (Status.OPEN, c.FlushAll): _flush_all,
+    (Status.OPEN, c.Release): _release,
+}
+
+
+def apply(state: BrokerState, command: c.Command) -> Step:
+    """Apply ``command`` to ``state`` and return the resulting `Step`.
+
+    Raises:
+        InvalidTransition: the table has no row for the subject's status and the
+            command's type (for example, acking an entry nobody holds, or enqueueing
+            on an undeclared queue), or the command contradicts the state (a promoted
+            copy that is not the held message, promoted).
+    """
+    status = _SUBJECT[type(command)](state, command)
+    handler = TRANSITIONS.get((status, type(command)))
+    if handler is None:
+        raise InvalidTransition(status, command)
+    return handler(state, command)
+
+
+# -- queries (pure, read-only) ----------------------------------------------------
+
+
+def pending(state: BrokerState, queue_name: str) -> int:
+    """Return how many entries of a queue (and its delay queue) are unfinished."""
+    queue = state.queues.get(q_name(queue_name))
+    return 0 if queue is None else queue.pending
+
+
+def waiting(state: BrokerState, queue_name: str) -> tuple[Entry, ...]:
+    """Return the entries waiting on ``queue_name`` (``q`` or ``q.DQ``), oldest first."""
+    queue = state.queues.get(q_name(queue_name))
+    if queue is None:
+        return ()
+    rows = queue.delayed if queue_name.endswith(DELAY_SUFFIX) else queue.ready
+    return tuple(Entry.from_row(row) for row in rows)
+
+
+def dead_letters(state: BrokerState, queue_name: str) -> tuple[DeadLetter, ...]:
+    """Return the dead letters of a queue, oldest first."""
+    queue = state.queues.get(q_name(queue_name))
+    return () if queue is None else tuple(queue.dead)
+
+
+def held_by(state: BrokerState, consumer: str) -> tuple[Reservation, ...]:
+    """Return the reservations ``consumer`` holds, oldest entry first."""
+    return tuple(
+        sorted(
+            (r for r in state.reserved.values() if r.consumer == consumer),
+            key=lambda r: r.entry.seq,
+        )
+    )
+
+
+__all__ = [
+    "TRANSITIONS",
+    "Row",
+    "Status",
+    "Step",
+    "apply",
+    "dead_letters",
+    "held_by",
+    "pending",
+    "status_of",
+    "waiting",
+]

@@ -1,0 +1,154 @@
+"""`Message`: the public message type, and the process-global encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Self, TypeVar
+
+import attrs
+
+from dq import runtime
+from dq.core import EMPTY, FrozenDict
+from dq.core import Message as CoreMessage
+from dq.encoder import Encoder, JSONEncoder
+from dq.wire import decode_message, encode_message, freeze_options
+
+__all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "set_encoder"]
+
+R_co = TypeVar("R_co", covariant=True)
+
+#: The process-global encoder (Dramatiq's name). Prefer `get_encoder`.
+global_encoder: Encoder = JSONEncoder()
+
+
+def get_encoder() -> Encoder:
+    """Return the process-global encoder."""
+    return global_encoder
+
+
+def set_encoder(encoder: Encoder) -> None:
+    """Install the process-global encoder used by `Message.encode` / `Message.decode`.
+
+    Raises:
+        TypeError: ``encoder`` is not an `Encoder`.
+    """
+    global global_encoder
+    if not isinstance(encoder, Encoder):
+        raise TypeError(f"set_encoder expects an dq.Encoder instance, got {encoder!r}")
+    global_encoder = encoder
+
+
+def generate_unique_id() -> str:
+    """Return a new uuid4 string from the runtime's id source."""
+    return runtime.get_id_source().new_id()
+
+
+@attrs.frozen(init=False, repr=False)
+class Message(CoreMessage[R_co]):
+    """A task message (Dramatiq's ``Message``), immutable all the way down.
+
+    ``kwargs`` and ``options`` are read-only mappings; ``args`` is a tuple. Build
+    changed copies with `copy`. ``R_co`` is the result type of the actor that will
+    run it (results and composition arrive with the results issue).
+
+    Args:
+        queue_name: the queue.
+        actor_name: the actor's name.
+        args: positional arguments (any iterable; stored as a tuple).
+        kwargs: keyword arguments.
+        options: broker and middleware options.
+        message_id: defaults to a new uuid4 string.
+        message_timestamp: defaults to now, in ms since the epoch.
+    """
+
+    def __init__(
+        self,
+        queue_name: str,
+        actor_name: str,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        message_timestamp: int | None = None,
+    ) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "queue_name", queue_name)
+        setattr_(self, "actor_name", actor_name)
+        setattr_(self, "args", args if type(args) is tuple else tuple(args))
+        setattr_(
+            self,
+            "kwargs",
+            kwargs if type(kwargs) is FrozenDict else FrozenDict(kwargs) if kwargs else EMPTY,
+        )
+        setattr_(
+            self,
+            "options",
+            options
+            if type(options) is FrozenDict
+            else freeze_options(options)
+            if options
+            else EMPTY,
+        )
+        setattr_(
+            self,
+            "message_id",
+            runtime._ids.new_id() if message_id is None else message_id,
+        )
+        setattr_(
+            self,
+            "message_timestamp",
+            runtime._clock.now_ms() if message_timestamp is None else message_timestamp,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        queue_name: str,
+        actor_name: str,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        message_timestamp: int | None = None,
+    ) -> Self:
+        """Build a message, checking field types (the validating constructor).
+
+        Raises:
+            TypeError: a field has the wrong type.
+        """
+        for name, value in (("queue_name", queue_name), ("actor_name", actor_name)):
+            if not isinstance(value, str):
+                raise TypeError(f"Message {name} must be a str, got {value!r}")
+        for name, mapping in (("kwargs", kwargs), ("options", options)):
+            if mapping is not None and not isinstance(mapping, Mapping):
+                raise TypeError(f"Message {name} must be a mapping, got {mapping!r}")
+            if mapping and not all(isinstance(k, str) for k in mapping):
+                raise TypeError(f"Message {name} keys must be strings, got {list(mapping)!r}")
+        if message_id is not None and not isinstance(message_id, str):
+            raise TypeError(f"Message message_id must be a str, got {message_id!r}")
+        if message_timestamp is not None and (
+            isinstance(message_timestamp, bool) or not isinstance(message_timestamp, int)
+        ):
+            raise TypeError(
+                f"Message message_timestamp must be an int (ms), got {message_timestamp!r}"
+            )
+        return cls(queue_name, actor_name, args, kwargs, options, message_id, message_timestamp)
+
+    def encode(self) -> bytes:
+        """Return this message encoded with the global encoder.
+
+        Raises:
+            TypeError: a value is not serialisable.
+        """
+        return encode_message(self, global_encoder)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Message[Any]:
+        """Return the message encoded in ``data`` (global encoder), checking every field.
+
+        Raises:
+            DecodeError: ``data`` is not a valid message; the error names what was
+                wrong and shows an excerpt of the data.
+        """
+        return decode_message(data, global_encoder, cls)

@@ -1,0 +1,185 @@
+"""The wire: Dramatiq 2.2.1's message envelope, in one place.
+
+One converter (`make_converter`) knows how a `Message` becomes the seven-field
+dict that encoders turn into bytes, and how such a dict becomes a message again,
+checking every field on the way in. Records carry no serialisation config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import cattrs
+
+from dq.core import FrozenDict
+from dq.core import Message as CoreMessage
+from dq.encoder import Encoder, JSONEncoder, MessageData, excerpt
+from dq.errors import DecodeError
+
+__all__ = [
+    "FIELDS",
+    "decode_message",
+    "deep_freeze",
+    "encode_message",
+    "make_converter",
+    "message_from_data",
+]
+
+M = TypeVar("M", bound=CoreMessage[Any])
+
+#: The envelope's keys, in Dramatiq's order.
+FIELDS = (
+    "queue_name",
+    "actor_name",
+    "args",
+    "kwargs",
+    "options",
+    "message_id",
+    "message_timestamp",
+)
+_FIELD_SET = frozenset(FIELDS)
+
+
+def deep_freeze(value: Any) -> Any:
+    """Return ``value`` with every dict made a `FrozenDict` and every list a tuple.
+
+    Used on option values (``pipe_target``, ``group_completion_callbacks``, …) so that
+    no part of a message's options can be changed in place. Encodes to the same JSON.
+    """
+    if isinstance(value, dict):
+        if type(value) is FrozenDict and all(
+            not isinstance(v, dict | list) or type(v) is FrozenDict for v in value.values()
+        ):
+            return value
+        return FrozenDict({k: deep_freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(deep_freeze(v) for v in value)
+    return value
+
+
+def freeze_options(options: Mapping[str, Any]) -> FrozenDict[str, Any]:
+    """Return ``options`` as a `FrozenDict` whose nested values are frozen too."""
+    for v in options.values():
+        if isinstance(v, dict | list):
+            return FrozenDict({k: deep_freeze(v) for k, v in options.items()})
+    return options if type(options) is FrozenDict else FrozenDict(options)
+
+
+def _problem(data: Mapping[str, Any]) -> str | None:
+    """Return what is wrong with an envelope dict, or None."""
+    missing = [f for f in FIELDS if f not in data]
+    if missing:
+        return f"missing field(s) {missing}"
+    extra = sorted(set(data) - _FIELD_SET)
+    if extra:
+        return f"unknown field(s) {extra}"
+    expected: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
+        ("queue_name", str, "a string"),
+        ("actor_name", str, "a string"),
+        ("args", (list, tuple), "an array"),
+        ("kwargs", dict, "an object"),
+        ("options", dict, "an object"),
+        ("message_id", str, "a string"),
+    )
+    for name, types, what in expected:
+        if not isinstance(data[name], types):
+            return f"field {name!r} must be {what}, got {type(data[name]).__name__}"
+    ts = data["message_timestamp"]
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        return f"field 'message_timestamp' must be an integer (ms), got {type(ts).__name__}"
+    bad_keys = [k for k in data["kwargs"] if not isinstance(k, str)]
+    if bad_keys:
+        return f"field 'kwargs' must have string keys, got {bad_keys[:3]!r}"
+    return None
+
+
+def message_from_data(data: Mapping[str, Any], cls: type[M], raw: Any = None) -> M:
+    """Build a message of type ``cls`` from an envelope dict, checking every field.
+
+    Raises:
+        DecodeError: a field is missing, unknown, or of the wrong type.
+    """
+    problem = _problem(data)
+    if problem is not None:
+        shown = raw if isinstance(raw, bytes | str) else repr(dict(data))
+        raise DecodeError(
+            f"Failed to decode message: {problem}; data: {excerpt(shown)}",
+            raw if raw is not None else data,
+            None,
+        )
+    kwargs = data["kwargs"]
+    return cls(
+        data["queue_name"],
+        data["actor_name"],
+        tuple(data["args"]),
+        FrozenDict(kwargs) if kwargs else FrozenDict(),
+        freeze_options(data["options"]),
+        data["message_id"],
+        data["message_timestamp"],
+    )
+
+
+def make_converter() -> cattrs.Converter:
+    """Build dq's one converter between messages and envelope dicts.
+
+    Unstructuring a message gives its seven fields in wire order (``args`` a tuple,
+    which encoders write as an array); structuring checks every field and raises
+    `DecodeError` naming the problem.
+    """
+    converter = cattrs.Converter()
+    converter.register_unstructure_hook(FrozenDict, lambda d: d)
+    converter.register_unstructure_hook_func(
+        lambda t: isinstance(t, type) and issubclass(t, CoreMessage),
+        lambda m: m.asdict(),
+    )
+    converter.register_structure_hook_func(
+        lambda t: isinstance(t, type) and issubclass(t, CoreMessage),
+        message_from_data,
+    )
+    return converter
+
+
+CONVERTER = make_converter()
+
+
+def encode_message(message: CoreMessage[Any], encoder: Encoder) -> bytes:
+    """Return ``message`` encoded with ``encoder``.
+
+    dq's own `JSONEncoder` writes the envelope straight from the fields (same bytes,
+    no intermediate dict); any other encoder gets the converter's dict.
+
+    Raises:
+        TypeError: a value is not serialisable by ``encoder``.
+    """
+    if type(encoder) is JSONEncoder and type(message.message_timestamp) is int:
+        return encoder.encode_fields(
+            message.queue_name,
+            message.actor_name,
+            message.args,
+            message.kwargs,
+            message.options,
+            message.message_id,
+            message.message_timestamp,
+        )
+    data: MessageData = CONVERTER.unstructure(message, type(message))
+    return encoder.encode(data)
+
+
+def decode_message(data: bytes, encoder: Encoder, cls: type[M]) -> M:
+    """Return the message of type ``cls`` encoded in ``data``.
+
+    Raises:
+        DecodeError: ``data`` is not a valid message; the error names the problem and
+            shows an excerpt of the data.
+    """
+    try:
+        fields = encoder.decode(data)
+    except DecodeError as e:
+        raise DecodeError(f"Failed to decode message: {e}", data, e) from e
+    try:
+        return message_from_data(fields, cls, raw=data)
+    except DecodeError:
+        raise
+    except Exception as e:  # a custom encoder's odd output
+        raise DecodeError(f"Failed to decode message: {e!r}; data: {excerpt(data)}", data, e) from e
