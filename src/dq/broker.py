@@ -22,8 +22,7 @@ from dq.middleware.middleware import HOOK_NAMES, MiddlewareError
 
 if TYPE_CHECKING:
     from dq.actor import Actor
-    from dq.core import Message
-    from dq.message import Message as PublicMessage
+    from dq.message import Message
 
 __all__ = ["Broker", "Consumer", "MessageProxy", "get_broker", "global_broker", "set_broker"]
 
@@ -355,14 +354,14 @@ class MessageProxy:
                 f"MessageProxy takes (message) or (broker, message), got {len(args)} arguments"
             )
         self._broker: Broker | None = broker
-        self._message: PublicMessage[Any] = message
+        self._message: Message[Any] = message
         self._exception: BaseException | None = None
         self._failed = False
         #: The consumer's handle on the stored copy (opaque to everyone else).
         self._tag: object = None
 
     @property
-    def message(self) -> PublicMessage[Any]:
+    def message(self) -> Message[Any]:
         """The delivered message."""
         return self._message
 

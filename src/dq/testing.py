@@ -141,7 +141,9 @@ class BrokerConformance(RuleBasedStateMachine):
     )
     def enqueue(self, index: int, args: list[Any], delay: int | None) -> None:
         name = self.queue_names[index]
-        message = Message(name, "conformance_actor", tuple(args), {"k": 1}, {"o": "x"})
+        message: Message[Any] = Message(
+            name, "conformance_actor", tuple(args), {"k": 1}, {"o": "x"}
+        )
         if not self._declared(name):
             try:
                 self.broker.enqueue(message, delay=delay)
@@ -326,7 +328,7 @@ def conformance_test(
         max_examples: how many runs Hypothesis makes.
         stateful_step_count: the most steps in one run.
     """
-    machine = type(
+    machine: Any = type(
         "BrokerConformanceMachine",
         (BrokerConformance,),
         {

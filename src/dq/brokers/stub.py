@@ -47,7 +47,7 @@ from dq.wire import decode_message, encode_message
 
 __all__ = ["StubBroker"]
 
-M = TypeVar("M", bound=CoreMessage[Any])
+M = TypeVar("M", bound=Message[Any])
 
 _consumer_ids = itertools.count(1)
 
@@ -176,9 +176,11 @@ class StubBroker(Broker):
                 raise QueueNotFound(message.queue_name)
             self._run_before(self._hooks.before_enqueue, message, delay)
         payload = encode_message(message, get_encoder())
-        self._apply(Enqueue(message, payload))
+        step = self._apply(Enqueue(message, payload))
         if self._hooks.after_enqueue:
-            self._run_after(self._hooks.after_enqueue, message, delay)
+            for event in step.events:
+                if isinstance(event, ev.Enqueued):
+                    self._run_after(self._hooks.after_enqueue, message, delay)
         return message
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:

@@ -8,7 +8,7 @@ but every mutating method raises ``TypeError``: a frozen message really is froze
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Never, NoReturn, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -32,14 +32,30 @@ class FrozenDict(dict[K, V]):
     def __init__(self, data: Mapping[K, V] | Iterable[tuple[K, V]] = (), /) -> None:
         dict.__init__(self, data)
 
-    __setitem__ = _read_only
-    __delitem__ = _read_only
-    __ior__ = _read_only
-    clear = _read_only
-    pop = _read_only
-    popitem = _read_only
-    setdefault = _read_only
-    update = _read_only
+    # Parameters typed ``Never``: a type checker rejects every call, at the call site.
+    def __setitem__(self, key: Never, value: Never) -> NoReturn:  # type: ignore[override]  # refusing is the point
+        _read_only(self)
+
+    def __delitem__(self, key: Never) -> NoReturn:  # type: ignore[override]  # refusing is the point
+        _read_only(self)
+
+    def __ior__(self, other: Never) -> NoReturn:  # type: ignore[override,misc]  # refusing is the point
+        _read_only(self)
+
+    def pop(self, *args: Never) -> NoReturn:  # type: ignore[override]  # refusing is the point
+        _read_only(self)
+
+    def setdefault(self, *args: Never) -> NoReturn:  # type: ignore[override]  # refusing is the point
+        _read_only(self)
+
+    def update(self, *args: Never, **kwargs: Never) -> NoReturn:  # type: ignore[override]  # refusing is the point
+        _read_only(self)
+
+    def clear(self) -> NoReturn:
+        _read_only(self)
+
+    def popitem(self) -> NoReturn:
+        _read_only(self)
 
     def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable; this is not
         return hash(frozenset(self.items()))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dq.actor import Actor
     from dq.broker import Broker, MessageProxy
-    from dq.core import Message
+    from dq.message import Message
 
 __all__ = ["HOOK_NAMES", "Middleware", "MiddlewareError", "SkipMessage"]
 

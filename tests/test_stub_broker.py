@@ -1,0 +1,338 @@
+"""StubBroker: the Broker API on the in-memory interpreter of the core."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import dq
+from dq import Message, MessageProxy, QueueJoinTimeout, QueueNotFound
+from dq.brokers.stub import StubBroker
+from dq.core import InvalidTransition
+from dq.middleware import Middleware
+
+
+def msg(queue_name: str = "default", *args: Any) -> Message[Any]:
+    return Message(queue_name, "f", args, {}, {})
+
+
+def test_declare_queue_declares_the_delay_queue_and_emits_hooks() -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Recorder(Middleware):
+        def before_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+            calls.append(("before", queue_name))
+
+        def after_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+            calls.append(("after", queue_name))
+
+        def after_declare_delay_queue(self, broker: dq.Broker, queue_name: str) -> None:
+            calls.append(("delay", queue_name))
+
+    broker = StubBroker(middleware=[Recorder()])
+    broker.declare_queue("q")
+    broker.declare_queue("q")  # idempotent: no hooks the second time
+    assert calls == [("before", "q"), ("after", "q"), ("delay", "q.DQ")]
+    assert broker.get_declared_queues() == {"q", "q.DQ"}
+    assert broker.get_declared_delay_queues() == {"q.DQ"}
+    assert broker.queues["q"].qsize() == 0
+
+
+def test_enqueue_on_an_undeclared_queue_raises_queue_not_found() -> None:
+    broker = StubBroker(middleware=[])
+    with pytest.raises(QueueNotFound) as info:
+        broker.enqueue(msg("nope"))
+    assert str(info.value) == "nope"
+    with pytest.raises(QueueNotFound):
+        broker.consume("nope")
+    with pytest.raises(QueueNotFound):
+        broker.join("nope")
+    with pytest.raises(QueueNotFound):
+        broker.flush("nope")
+
+
+def test_enqueue_returns_the_stored_message_and_consume_delivers_it() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    sent = broker.enqueue(msg("default", 1, [2, 3]))
+    assert sent.queue_name == "default" and "eta" not in sent.options
+    assert broker.queues["default"].qsize() == 1
+    consumer = broker.consume("default", timeout=50)
+    proxy = next(consumer)
+    assert isinstance(proxy, MessageProxy)
+    assert proxy == sent and proxy.message_id == sent.message_id
+    assert proxy.args == (1, [2, 3])  # decoded from the snapshot taken at send time
+    consumer.ack(proxy)
+    broker.join("default", timeout=100)
+
+
+def test_the_stored_message_is_a_snapshot_of_the_arguments() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    payload = [1, 2]
+    broker.enqueue(msg("default", payload))
+    payload.append(3)
+    proxy = next(broker.consume("default", timeout=50))
+    assert proxy.args == ([1, 2],)
+
+
+def test_delayed_enqueue_goes_to_the_delay_queue() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    before = int(time.time() * 1000)
+    sent = broker.enqueue(msg("default"), delay=5000)
+    assert sent.queue_name == "default.DQ"
+    assert before + 5000 <= sent.options["eta"] <= int(time.time() * 1000) + 5000
+    with pytest.raises(StopIteration):
+        next(broker.consume("default", timeout=10))
+    proxy = next(broker.consume("default.DQ", timeout=10))
+    assert proxy.options["eta"] == sent.options["eta"]
+
+
+@pytest.mark.parametrize("delay", [-1, 1.5, "10", True])
+def test_a_bad_delay_is_refused(delay: Any) -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    with pytest.raises(ValueError, match="delay"):
+        broker.enqueue(msg(), delay=delay)
+
+
+def test_unserialisable_arguments_fail_at_send_and_store_nothing() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    with pytest.raises(TypeError):
+        broker.enqueue(msg("default", object()))
+    assert broker.queues["default"].qsize() == 0
+
+
+def test_consumer_stops_after_its_timeout_and_can_be_iterated_again() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    consumer = broker.consume("default", timeout=20)
+    start = time.monotonic()
+    assert list(consumer) == []
+    assert time.monotonic() - start >= 0.015
+    broker.enqueue(msg("default", 1))
+    assert [p.args for p in consumer] == [(1,)]
+
+
+def test_consumer_honours_prefetch() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    for n in range(5):
+        broker.enqueue(msg("default", n))
+    consumer = broker.consume("default", prefetch=2, timeout=10)
+    first, second = next(consumer), next(consumer)
+    with pytest.raises(StopIteration):
+        next(consumer)  # two unsettled: no third until one is settled
+    consumer.ack(first)
+    third = next(consumer)
+    assert [m.args for m in (first, second, third)] == [(0,), (1,), (2,)]
+
+
+def test_consumer_wakes_up_when_a_message_arrives() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    consumer = broker.consume("default", timeout=5000)
+    threading.Timer(0.05, lambda: broker.enqueue(msg("default", 1))).start()
+    start = time.monotonic()
+    assert next(consumer).args == (1,)
+    assert time.monotonic() - start < 2
+
+
+def test_nack_dead_letters_with_the_exception() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default", 1))
+    consumer = broker.consume("default", timeout=10)
+    proxy = next(consumer)
+    error = RuntimeError("boom")
+    proxy.stuff_exception(error)
+    proxy.fail()
+    consumer.nack(proxy)
+    assert broker.dead_letters == [proxy]
+    assert broker.dead_letters_by_queue["default"][0]._exception is error
+    broker.join("default", fail_fast=False)
+
+
+def test_settling_twice_raises() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"))
+    consumer = broker.consume("default", timeout=10)
+    proxy = next(consumer)
+    consumer.ack(proxy)
+    with pytest.raises(InvalidTransition):
+        consumer.ack(proxy)
+    with pytest.raises(ValueError, match="delivery tag"):
+        consumer.ack(MessageProxy(msg()))
+
+
+def test_requeue_returns_messages_to_the_tail() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    for n in range(3):
+        broker.enqueue(msg("default", n))
+    consumer = broker.consume("default", prefetch=3, timeout=10)
+    held = [next(consumer) for _ in range(2)]
+    consumer.requeue(held)
+    assert [p.args for p in consumer] == [(2,), (0,), (1,)]
+
+
+def test_closing_a_consumer_returns_what_it_held() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default", 1))
+    consumer = broker.consume("default", timeout=10)
+    next(consumer)
+    consumer.close()
+    with pytest.raises(StopIteration):
+        next(consumer)
+    assert next(broker.consume("default", timeout=10)).args == (1,)
+
+
+def test_join_waits_for_unfinished_messages_and_times_out() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"))
+    with pytest.raises(QueueJoinTimeout):
+        broker.join("default", timeout=30)
+    consumer = broker.consume("default", timeout=10)
+    proxy = next(consumer)
+    with pytest.raises(QueueJoinTimeout):
+        broker.join("default", timeout=30)  # reserved is still unfinished
+    threading.Timer(0.05, lambda: consumer.ack(proxy)).start()
+    broker.join("default", timeout=5000)
+
+
+def test_join_counts_the_delay_queue_too() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"), delay=10)
+    with pytest.raises(QueueJoinTimeout):
+        broker.join("default", timeout=20)
+
+
+def _dead_letter(broker: StubBroker, exception: BaseException | None) -> None:
+    consumer = broker.consume("default", timeout=1000)
+    proxy = next(consumer)
+    if exception is not None:
+        proxy.stuff_exception(exception)
+    consumer.nack(proxy)
+
+
+def test_join_fails_fast_with_the_exception_of_a_message_dead_lettered_during_it() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"))
+    threading.Timer(0.02, _dead_letter, (broker, KeyError("lost"))).start()
+    with pytest.raises(KeyError, match="lost"):
+        broker.join("default", timeout=5000)
+    # It was dead-lettered before this join started: not raised again.
+    broker.join("default", timeout=100)
+
+
+def test_join_fail_fast_with_no_stored_exception_raises_a_generic_one() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"))
+    threading.Timer(0.02, _dead_letter, (broker, None)).start()
+    with pytest.raises(Exception, match="unknown error"):
+        broker.join("default", timeout=5000)
+
+
+@pytest.mark.parametrize("broker_default", [True, False])
+def test_fail_fast_false_and_the_broker_default(broker_default: bool) -> None:
+    broker = StubBroker(middleware=[], fail_fast_default=broker_default)
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"))
+    threading.Timer(0.02, _dead_letter, (broker, KeyError("x"))).start()
+    if broker_default:
+        broker.join("default", timeout=5000, fail_fast=False)
+    else:
+        broker.join("default", timeout=5000)  # the default is not to fail fast
+    assert len(broker.dead_letters) == 1
+
+
+def test_flush_and_flush_all() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("a")
+    broker.declare_queue("b")
+    broker.enqueue(msg("a"))
+    broker.enqueue(msg("a"), delay=100)
+    broker.enqueue(msg("b"))
+    broker.flush("a")
+    assert broker.queues["a"].qsize() == broker.queues["a.DQ"].qsize() == 0
+    assert broker.queues["b"].qsize() == 1
+    broker.enqueue(msg("a"))
+    consumer = broker.consume("a", timeout=10)
+    consumer.nack(next(consumer))
+    assert broker.dead_letters
+    dead = broker.dead_letters_by_queue["a"]
+    broker.flush_all()
+    assert broker.queues["b"].qsize() == 0
+    assert dead == [] and broker.dead_letters == []
+
+
+def test_enqueue_hooks_see_the_stored_message_and_delay() -> None:
+    seen: list[tuple[str, str, int | None]] = []
+
+    class Recorder(Middleware):
+        def before_enqueue(
+            self, broker: dq.Broker, message: Message[Any], delay: int | None
+        ) -> None:
+            seen.append(("before", message.queue_name, delay))
+
+        def after_enqueue(
+            self, broker: dq.Broker, message: Message[Any], delay: int | None
+        ) -> None:
+            seen.append(("after", message.queue_name, delay))
+
+    broker = StubBroker(middleware=[Recorder()])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"))
+    broker.enqueue(msg("default"), delay=10)
+    assert seen == [
+        ("before", "default", None),
+        ("after", "default", None),
+        ("before", "default.DQ", 10),
+        ("after", "default.DQ", 10),
+    ]
+
+
+def test_state_is_one_immutable_value() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    before = broker.state
+    broker.enqueue(msg("default"))
+    assert broker.state is not before
+    assert before.queues["default"].pending == 0
+    assert broker.state.queues["default"].pending == 1
+
+
+def test_many_threads_each_message_delivered_exactly_once() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    total = 2000
+    for n in range(total):
+        broker.enqueue(msg("default", n))
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        consumer = broker.consume("default", prefetch=4, timeout=50)
+        for proxy in consumer:
+            with lock:
+                seen.append(proxy.args[0])
+            consumer.ack(proxy)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == list(range(total))
+    broker.join("default", timeout=1000)
