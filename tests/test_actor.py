@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import dq
-from dq import Actor, GenericActor
+from dq import GenericActor
 from dq.brokers.stub import StubBroker
 from dq.common import current_millis
 from dq.middleware import Middleware

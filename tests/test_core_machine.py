@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -316,10 +317,8 @@ def reachable_states(draw: st.DrawFn) -> BrokerState:
             command = Flush(name)
         else:
             command = Release(draw(st.sampled_from(["c1", "c2"])))
-        try:
+        with contextlib.suppress(InvalidTransition):
             state = apply(state, command).state
-        except InvalidTransition:
-            pass
     return state
 
 

@@ -47,7 +47,7 @@ def imported_modules(path: pathlib.Path) -> list[tuple[int, str]]:
 
 
 def is_allowed(module: str) -> bool:
-    top = module.split(".")[0]
+    top = module.split(".", maxsplit=1)[0]
     return (
         module in PURE_STDLIB
         or top in ALLOWED_LIBRARIES

@@ -37,7 +37,6 @@ from dq.core import (
     initial_state,
     policy,
 )
-from dq.core import Message as CoreMessage
 from dq.core import events as ev
 from dq.core.machine import pending
 from dq.errors import DecodeError, QueueJoinTimeout, QueueNotFound
