@@ -135,7 +135,10 @@ class Actor(Generic[P, R]):
         Raises:
             TypeError: an argument is not serialisable (nothing is sent).
         """
-        return self.broker.enqueue(Message(self.queue_name, self.actor_name, args, kwargs, None))
+        broker = self._broker
+        if broker is None:
+            broker = self.broker  # raises the explanatory RuntimeError
+        return broker.enqueue(Message(self.queue_name, self.actor_name, args, kwargs, None))
 
     def send_with_options(
         self,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import abc
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar, overload
 
 import attrs
 
+from dq.core import FrozenDict
 from dq.errors import ActorNotFound
 from dq.logging import get_logger
 from dq.middleware import Middleware, default_middleware
@@ -396,11 +397,11 @@ class MessageProxy:
         return self._message.args
 
     @property
-    def kwargs(self) -> Any:
+    def kwargs(self) -> FrozenDict[str, Any]:
         return self._message.kwargs
 
     @property
-    def options(self) -> Any:
+    def options(self) -> FrozenDict[str, Any]:
         return self._message.options
 
     @property
@@ -488,8 +489,3 @@ def _register_floating(actor: Actor[Any, Any]) -> Broker | None:
         if global_broker is None:
             _floating.append(actor)
         return global_broker
-
-
-def _iter_floating() -> Iterator[Actor[Any, Any]]:
-    with _lock:
-        yield from list(_floating)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, Self, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Self
 
 import attrs
+from typing_extensions import TypeVar
 
 from dq import runtime
 from dq.core import EMPTY, FrozenDict
@@ -15,7 +16,9 @@ from dq.wire import decode_message, encode_message, freeze_options
 
 __all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "set_encoder"]
 
-R_co = TypeVar("R_co", covariant=True)
+# Defaults to Any, so a message built without a known actor is Message[Any]
+# (not Message[Never]).
+R_co = TypeVar("R_co", covariant=True, default=Any)
 
 #: The process-global encoder (Dramatiq's name). Prefer `get_encoder`.
 global_encoder: Encoder = JSONEncoder()
@@ -71,34 +74,25 @@ class Message(CoreMessage[R_co]):
         message_id: str | None = None,
         message_timestamp: int | None = None,
     ) -> None:
-        setattr_ = object.__setattr__
-        setattr_(self, "queue_name", queue_name)
-        setattr_(self, "actor_name", actor_name)
-        setattr_(self, "args", args if type(args) is tuple else tuple(args))
-        setattr_(
+        # Slot setters, bound once (see _SET below): cheaper than object.__setattr__.
+        set_queue_name, set_actor_name, set_args, set_kwargs, set_options, set_id, set_ts = _SET
+        set_queue_name(self, queue_name)
+        set_actor_name(self, actor_name)
+        set_args(self, args if type(args) is tuple else tuple(args))
+        set_kwargs(
             self,
-            "kwargs",
             kwargs if type(kwargs) is FrozenDict else FrozenDict(kwargs) if kwargs else EMPTY,
         )
-        setattr_(
+        set_options(
             self,
-            "options",
             options
             if type(options) is FrozenDict
             else freeze_options(options)
             if options
             else EMPTY,
         )
-        setattr_(
-            self,
-            "message_id",
-            runtime._ids.new_id() if message_id is None else message_id,
-        )
-        setattr_(
-            self,
-            "message_timestamp",
-            runtime._clock.now_ms() if message_timestamp is None else message_timestamp,
-        )
+        set_id(self, runtime._ids.new_id() if message_id is None else message_id)
+        set_ts(self, runtime._clock.now_ms() if message_timestamp is None else message_timestamp)
 
     @classmethod
     def build(
@@ -152,3 +146,9 @@ class Message(CoreMessage[R_co]):
                 wrong and shows an excerpt of the data.
         """
         return decode_message(data, global_encoder, cls)
+
+
+# The slot descriptors of the seven fields (defined on the core record), in order.
+_SET: tuple[Callable[[object, Any], None], ...] = tuple(
+    vars(CoreMessage)[name].__set__ for name in CoreMessage._fields
+)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.core import (
@@ -93,7 +94,8 @@ class StubBroker(Broker):
         self, middleware: list[Middleware] | None = None, *, fail_fast_default: bool = True
     ) -> None:
         self._state: BrokerState = initial_state()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # waits and wake-ups, on the same lock
         self._waiters = 0  # threads in self._cond.wait(); notify only when there are some
         self.dead_letters_by_queue: defaultdict[str, list[MessageProxy]] = defaultdict(list)
         self.fail_fast_default = fail_fast_default
@@ -113,7 +115,7 @@ class StubBroker(Broker):
             QueueNotFound: the command addresses an undeclared queue.
             InvalidTransition: any other command the core refuses.
         """
-        with self._cond:
+        with self._lock:
             try:
                 step = apply(self._state, command)
             except InvalidTransition as e:
@@ -174,8 +176,7 @@ class StubBroker(Broker):
             if policy.q_name(message.queue_name) not in self._state.queues:
                 raise QueueNotFound(message.queue_name)
             self._run_before(self._hooks.before_enqueue, message, delay)
-        payload = encode_message(message, get_encoder())
-        step = self._apply(Enqueue(message, payload))
+        step = self._apply(Enqueue(message, encode_message(message, _message.global_encoder)))
         if self._hooks.after_enqueue:
             for event in step.events:
                 if isinstance(event, ev.Enqueued):

@@ -378,6 +378,18 @@ TRANSITIONS: dict[tuple[Status, type[c.Command]], Handler] = {
 }
 
 
+#: The table regrouped by command type, for one dictionary lookup per apply.
+_BY_TYPE: dict[
+    type[c.Command], tuple[Callable[[BrokerState, Any], Status], dict[Status, Handler]]
+] = {
+    kind: (
+        _SUBJECT[kind],
+        {status: handler for (status, k), handler in TRANSITIONS.items() if k is kind},
+    )
+    for kind in _SUBJECT
+}
+
+
 def apply(state: BrokerState, command: c.Command) -> Step:
     """Apply ``command`` to ``state`` and return the resulting `Step`.
 
@@ -387,8 +399,9 @@ def apply(state: BrokerState, command: c.Command) -> Step:
             on an undeclared queue), or the command contradicts the state (a promoted
             copy that is not the held message, promoted).
     """
-    status = _SUBJECT[type(command)](state, command)
-    handler = TRANSITIONS.get((status, type(command)))
+    subject, handlers = _BY_TYPE[type(command)]
+    status = subject(state, command)
+    handler = handlers.get(status)
     if handler is None:
         raise InvalidTransition(status, command)
     return handler(state, command)

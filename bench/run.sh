@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run the dq-vs-Dramatiq benchmarks in their own venv (<repo>/.bench-venv).
+#
+#   bash bench/run.sh [enqueue.py options]     e.g. bash bench/run.sh --runs 5 --n 200000
+#
+# Works from any directory. The venv is created once and reused; dq is installed
+# editable (source changes are picked up without reinstalling), and the install step
+# is re-run only when pyproject.toml, constraints.txt or bench/requirements.txt change.
+# dq's own dependencies are pinned by <repo>/constraints.txt (what CI installs) when
+# that file exists.
+# PYTHON=/path/to/python picks the interpreter the venv is created from.
+set -euo pipefail
+
+bench_dir="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd -- "$bench_dir/.." && pwd)"
+venv="$root/.bench-venv"
+py="$venv/bin/python"
+
+if [[ ! -x "$py" ]]; then
+    "${PYTHON:-python3}" -m venv "$venv"
+fi
+
+constraints=()
+if [[ -f "$root/constraints.txt" ]]; then
+    constraints=(-c "$root/constraints.txt")
+fi
+
+stamp="$venv/.dq-bench-installed"
+want="$(cat "$root/pyproject.toml" "$bench_dir/requirements.txt" \
+    "${constraints[@]:1}" | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$want" ]]; then
+    log="$(mktemp)"
+    if ! "$py" -m pip install --quiet --disable-pip-version-check \
+        "${constraints[@]}" -e "$root" -r "$bench_dir/requirements.txt" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "run.sh: installing the benchmark environment failed (see above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
+    printf '%s\n' "$want" >"$stamp"
+fi
+
+exec "$py" "$bench_dir/enqueue.py" "$@"
