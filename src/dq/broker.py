@@ -358,6 +358,7 @@ class MessageProxy:
         self._message: Message[Any] = message
         self._exception: BaseException | None = None
         self._failed = False
+        self._redeliver = False
         #: The consumer's handle on the stored copy (opaque to everyone else).
         self._tag: object = None
 
@@ -374,6 +375,25 @@ class MessageProxy:
     def fail(self) -> None:
         """Mark the message for rejection."""
         self._failed = True
+
+    def update_message(self, message: Message[Any]) -> None:
+        """Proxy ``message`` (a changed copy of the delivered one) from now on.
+
+        This is how middleware record facts about this attempt (``retries``,
+        ``traceback``…) without changing a message in place. Settling is unaffected:
+        the consumer settles the copy it delivered.
+        """
+        self._message = message
+
+    def redeliver(self) -> None:
+        """Ask the worker to return this message to its queue instead of settling it
+        (for example, because its replacement could not be stored)."""
+        self._redeliver = True
+
+    @property
+    def redelivery_requested(self) -> bool:
+        """Whether `redeliver` was called."""
+        return self._redeliver
 
     def stuff_exception(self, exception: BaseException) -> None:
         """Remember the exception processing raised."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue as _queue
-import random
 import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol, TypeVar
@@ -46,8 +45,8 @@ def compute_backoff(
         max_backoff=max_backoff,
         max_exponent=max_exponent,
         jitter=jitter,
-        draw=random.random(),
-        cap_draw=random.random(),
+        draw=runtime.get_random().random(),
+        cap_draw=runtime.get_random().random(),
     )
 
 

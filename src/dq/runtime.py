@@ -9,18 +9,22 @@ with `set_clock` / `set_id_source`.
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Protocol, runtime_checkable
 
 __all__ = [
     "Clock",
     "IdSource",
+    "RandomSource",
     "SystemClock",
     "UUID4Source",
     "get_clock",
     "get_id_source",
+    "get_random",
     "set_clock",
     "set_id_source",
+    "set_random",
 ]
 
 
@@ -30,6 +34,15 @@ class Clock(Protocol):
 
     def now_ms(self) -> int:
         """Return milliseconds since the Unix epoch."""
+        ...
+
+
+@runtime_checkable
+class RandomSource(Protocol):
+    """A source of uniform random numbers (retry jitter)."""
+
+    def random(self) -> float:
+        """Return a number in [0, 1)."""
         ...
 
 
@@ -94,6 +107,19 @@ _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 _clock: Clock = SystemClock()
 _ids: IdSource = UUID4Source()
+# The random module's functions: reseeded in forked children by the stdlib.
+_random: RandomSource = random._inst
+
+
+def get_random() -> RandomSource:
+    """Return the process's source of random numbers."""
+    return _random
+
+
+def set_random(source: RandomSource) -> None:
+    """Install the process's source of random numbers (tests and embedding runtimes)."""
+    global _random
+    _random = source
 
 
 def get_clock() -> Clock:

@@ -7,7 +7,10 @@ inputs and can be property-tested exhaustively.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, TypeVar
+
+import attrs
 
 from dq.core._frozendict import FrozenDict
 from dq.core.errors import InvalidValue
@@ -165,3 +168,153 @@ def backoff_ms(
 def with_options(message: M, **options: Any) -> M:
     """Return ``message`` with options merged in (Dramatiq's ``copy(options=...)``)."""
     return message.copy(options=FrozenDict(options))
+
+
+# -- middleware decisions (Dramatiq's rules, as pure functions) ------------------------
+
+#: Dramatiq's Retries defaults (ms).
+DEFAULT_MAX_RETRIES = 20
+DEFAULT_MIN_BACKOFF = 15_000
+DEFAULT_MAX_BACKOFF = 604_800_000  # 7 days: also the cap on any computed backoff
+#: Dramatiq's TimeLimit default (ms) and Results' result TTL.
+DEFAULT_TIME_LIMIT = 600_000
+
+_MISSING: Any = object()
+
+
+def by_presence(key: str, message_options: Mapping[str, Any], *sources: Mapping[str, Any]) -> Any:
+    """Return the first value of ``key`` found, message first, then each source.
+
+    The "by key presence" rule (spec/wire.md §1.5): a present key wins even when its
+    value is ``None``. Returns ``_MISSING`` when no mapping has the key.
+    """
+    for mapping in (message_options, *sources):
+        value = mapping.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+    return _MISSING
+
+
+def option(
+    key: str,
+    message_options: Mapping[str, Any],
+    actor_options: Mapping[str, Any],
+    default: Any,
+    *,
+    rule: str = "presence",
+) -> Any:
+    """Look an option up as Dramatiq does: the message, then the actor, then ``default``.
+
+    Args:
+        key: the option.
+        message_options: the message's options.
+        actor_options: the actor's options.
+        default: the middleware's default.
+        rule: ``"presence"`` (a present key wins, even ``None``), ``"truthy"`` (a
+            falsy value falls through: Dramatiq's ``or``), or ``"not-none"`` (only
+            ``None`` falls through).
+
+    Raises:
+        InvalidValue: an unknown rule.
+    """
+    if rule == "presence":
+        value = by_presence(key, message_options, actor_options)
+        return default if value is _MISSING else value
+    if rule == "truthy":
+        return message_options.get(key) or actor_options.get(key) or default
+    if rule == "not-none":
+        for mapping in (message_options, actor_options):
+            value = mapping.get(key)
+            if value is not None:
+                return value
+        return default
+    raise InvalidValue(f"unknown lookup rule {rule!r}; use 'presence', 'truthy' or 'not-none'")
+
+
+@attrs.frozen
+class RetryIn:
+    """Retry the message after ``delay_ms``."""
+
+    delay_ms: int
+
+
+@attrs.frozen
+class GiveUp:
+    """Do not retry: dead-letter the message.
+
+    Attributes:
+        reason: ``"throws"`` (an exception the actor declares as final),
+            ``"retry_when"`` (the predicate said no) or ``"exhausted"``
+            (``max_retries`` reached).
+    """
+
+    reason: str
+
+
+def retry_decision(
+    *,
+    retries_so_far: int,
+    max_retries: int | None,
+    throws_matched: bool,
+    retry_when_verdict: bool | None,
+    explicit_delay_ms: int | None,
+    min_backoff: int,
+    max_backoff: int,
+    draw: float,
+    cap_draw: float | None = None,
+) -> RetryIn | GiveUp:
+    """Decide what happens to a message whose actor raised (Dramatiq's Retries rules).
+
+    Args:
+        retries_so_far: the message's ``retries`` option before this failure (0 on the
+            first failure).
+        max_retries: the effective ``max_retries`` (None: unlimited).
+        throws_matched: the exception is one of the actor's ``throws``.
+        retry_when_verdict: what ``retry_when(retries_so_far, exc)`` answered, or None
+            when no predicate is set (then ``max_retries`` decides).
+        explicit_delay_ms: the delay of a raised ``dq.Retry(delay=...)``, or None.
+        min_backoff: the effective ``min_backoff`` (ms).
+        max_backoff: the effective ``max_backoff`` (ms); capped at 7 days.
+        draw: a uniform random number in [0, 1) for the backoff jitter.
+        cap_draw: a second one for the cap jitter.
+    """
+    if throws_matched:
+        return GiveUp("throws")
+    if retry_when_verdict is not None:
+        if not retry_when_verdict:
+            return GiveUp("retry_when")
+    elif max_retries is not None and retries_so_far >= max_retries:
+        return GiveUp("exhausted")
+    if explicit_delay_ms is not None:
+        return RetryIn(explicit_delay_ms)
+    return RetryIn(
+        backoff_ms(
+            retries_so_far,
+            factor=min_backoff,
+            max_backoff=min(max_backoff, DEFAULT_MAX_BACKOFF),
+            draw=draw,
+            cap_draw=cap_draw,
+        )
+    )
+
+
+def failed_attempt(message: M, *, traceback_text: str, now_ms: int) -> M:
+    """Return ``message`` with the options Dramatiq's Retries records after a failure:
+    ``retries`` incremented (0 when absent), ``traceback`` and ``requeue_timestamp``."""
+    retries = message.options.get("retries") or 0
+    return message.copy(
+        options={"retries": retries + 1, "traceback": traceback_text, "requeue_timestamp": now_ms}
+    )
+
+
+def is_too_old(message_timestamp_ms: int, now_ms: int, max_age_ms: int | None) -> bool:
+    """Return whether a message is past its ``max_age`` (None or 0: no limit)."""
+    if not max_age_ms:
+        return False
+    return now_ms - message_timestamp_ms >= max_age_ms
+
+
+def time_limit_deadline_ms(start_ms: int, limit_ms: float) -> float:
+    """Return when an actor started at ``start_ms`` with ``limit_ms`` runs out of time
+    (``inf`` when the limit is infinite)."""
+    return start_ms + limit_ms
