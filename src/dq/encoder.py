@@ -139,6 +139,10 @@ class JSONEncoder(Encoder):
             raise DecodeError(
                 f"message is not valid JSON ({e}); data: {excerpt(data)}", data, e
             ) from e
+        except (ValueError, RecursionError) as e:  # huge integers, deep nesting
+            raise DecodeError(
+                f"message cannot be parsed ({e!r}); data: {excerpt(data)}", data, e
+            ) from e
         if not isinstance(value, dict):
             raise DecodeError(
                 f"message must be a JSON object, got {type(value).__name__}; data: {excerpt(data)}",

@@ -11,8 +11,9 @@ from typing_extensions import TypeVar
 from dq import runtime
 from dq.core import EMPTY, FrozenDict
 from dq.core import Message as CoreMessage
+from dq.core._frozendict import freeze_options
 from dq.encoder import Encoder, JSONEncoder
-from dq.wire import decode_message, encode_message, freeze_options
+from dq.wire import decode_message, encode_message
 
 __all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "set_encoder"]
 
@@ -83,14 +84,7 @@ class Message(CoreMessage[R_co]):
             self,
             kwargs if type(kwargs) is FrozenDict else FrozenDict(kwargs) if kwargs else EMPTY,
         )
-        set_options(
-            self,
-            options
-            if type(options) is FrozenDict
-            else freeze_options(options)
-            if options
-            else EMPTY,
-        )
+        set_options(self, options if options is EMPTY else freeze_options(options))
         set_id(self, runtime._ids.new_id() if message_id is None else message_id)
         set_ts(self, runtime._clock.now_ms() if message_timestamp is None else message_timestamp)
 
@@ -111,6 +105,8 @@ class Message(CoreMessage[R_co]):
         Raises:
             TypeError: a field has the wrong type.
         """
+        if isinstance(args, str | bytes | Mapping) or not isinstance(args, Iterable):
+            raise TypeError(f"Message args must be a sequence of arguments, got {args!r}")
         for name, value in (("queue_name", queue_name), ("actor_name", actor_name)):
             if not isinstance(value, str):
                 raise TypeError(f"Message {name} must be a str, got {value!r}")

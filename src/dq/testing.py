@@ -19,6 +19,7 @@ queues declared (a fresh namespace on a shared server).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -59,6 +60,8 @@ class _ConsumerRecord:
     queue_name: str
     prefetch: int
     held: list[_Held] = attrs.field(factory=list)
+    # Reserved by the consumer's last batch and not handed out yet.
+    buffer: deque[core.Entry] = attrs.field(factory=deque)
 
 
 _JSONish = st.recursive(
@@ -187,12 +190,15 @@ class BrokerConformance(RuleBasedStateMachine):
     @rule(data=st.data())
     def next_message(self, data: st.DataObject | _Fixed) -> None:
         record = data.draw(st.sampled_from(self.consumers))
-        expected: core.Entry | None = None
-        if len(record.held) < record.prefetch:
-            step = self._apply(core.Reserve(record.queue_name, record.consumer_id, 1))
+        # A consumer with nothing buffered reserves as much as its prefetch allows, in
+        # one batch, then hands the batch out in order.
+        room = record.prefetch - len(record.held)
+        if not record.buffer and room > 0:
+            step = self._apply(core.Reserve(record.queue_name, record.consumer_id, room))
             for event in step.events:
                 assert isinstance(event, core.events.Reserved)
-                (expected,) = event.entries
+                record.buffer.extend(event.entries)
+        expected = record.buffer.popleft() if record.buffer else None
         try:
             proxy = next(record.consumer)
         except StopIteration:
@@ -259,6 +265,24 @@ class BrokerConformance(RuleBasedStateMachine):
         record, held = self._pick_held(data)
         record.consumer.requeue([held.proxy])
         self._apply(core.Requeue(held.seq))
+
+    @precondition(lambda self: any(r.held and r.queue_name.endswith(".DQ") for r in self.consumers))
+    @rule(data=st.data())
+    def promote(self, data: st.DataObject) -> None:
+        """Promote a held delayed message, if the broker's consumers can (atomically)."""
+        record = data.draw(
+            st.sampled_from([r for r in self.consumers if r.held and r.queue_name.endswith(".DQ")])
+        )
+        promote = getattr(record.consumer, "promote", None)
+        if promote is None:
+            return
+        held = record.held.pop(data.draw(st.integers(0, len(record.held) - 1)))
+        stored = promote(held.proxy)
+        expected = policy.promoted(held.proxy.message)
+        assert stored == expected
+        payload = stored.encode()
+        self.stored[stored.message_id] = payload
+        self._apply(core.Promote(held.seq, stored, payload))
 
     @precondition(lambda self: self.consumers)
     @rule(data=st.data())

@@ -14,6 +14,7 @@ import cattrs
 
 from dq.core import FrozenDict
 from dq.core import Message as CoreMessage
+from dq.core._frozendict import deep_freeze, freeze_options
 from dq.encoder import Encoder, JSONEncoder, MessageData, excerpt
 from dq.errors import DecodeError
 
@@ -39,31 +40,6 @@ FIELDS = (
     "message_timestamp",
 )
 _FIELD_SET = frozenset(FIELDS)
-
-
-def deep_freeze(value: Any) -> Any:
-    """Return ``value`` with every dict made a `FrozenDict` and every list a tuple.
-
-    Used on option values (``pipe_target``, ``group_completion_callbacks``, …) so that
-    no part of a message's options can be changed in place. Encodes to the same JSON.
-    """
-    if isinstance(value, dict):
-        if type(value) is FrozenDict and all(
-            not isinstance(v, dict | list) or type(v) is FrozenDict for v in value.values()
-        ):
-            return value
-        return FrozenDict({k: deep_freeze(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple(deep_freeze(v) for v in value)
-    return value
-
-
-def freeze_options(options: Mapping[str, Any]) -> FrozenDict[str, Any]:
-    """Return ``options`` as a `FrozenDict` whose nested values are frozen too."""
-    for v in options.values():
-        if isinstance(v, dict | list):
-            return FrozenDict({k: deep_freeze(v) for k, v in options.items()})
-    return options if type(options) is FrozenDict else FrozenDict(options)
 
 
 def _problem(data: Mapping[str, Any]) -> str | None:

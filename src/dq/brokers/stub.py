@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -25,10 +25,12 @@ from dq.core import (
     Command,
     DeclareQueue,
     Enqueue,
+    Entry,
     Flush,
     FlushAll,
     InvalidTransition,
     Nack,
+    Promote,
     Release,
     Requeue,
     Reserve,
@@ -41,7 +43,7 @@ from dq.core import (
 from dq.core import events as ev
 from dq.core.machine import pending
 from dq.errors import DecodeError, QueueJoinTimeout, QueueNotFound
-from dq.message import Message, get_encoder
+from dq.message import Message
 from dq.middleware import Middleware
 from dq.wire import decode_message, encode_message
 
@@ -274,7 +276,13 @@ def _queue_of(command: Command) -> str:
 
 
 class _StubConsumer(Consumer):
-    """A consumer of one stub queue: reserves one entry per ``next()``, up to prefetch."""
+    """A consumer of one stub queue.
+
+    When its buffer is empty it reserves as many entries as prefetch allows in one
+    step (one lock acquisition for a batch), then hands them out one per ``next()``.
+    Its ``ack``, ``nack``, ``requeue`` and ``promote`` are thread-safe: worker threads
+    settle messages directly.
+    """
 
     def __init__(self, broker: StubBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.broker = broker
@@ -282,34 +290,37 @@ class _StubConsumer(Consumer):
         self.prefetch = prefetch
         self.timeout = timeout
         self.consumer_id = f"stub-consumer-{next(_consumer_ids)}"
-        self._outstanding = 0
+        self._outstanding = 0  # reserved and not settled (buffered ones included)
+        self._buffer: deque[Entry] = deque()  # reserved, not yet handed out
         self._closed = False
 
     def __next__(self) -> MessageProxy:
         broker = self.broker
-        cond = broker._cond
         deadline = time.monotonic() + self.timeout / 1000
         while True:
-            with cond:
-                entry = None
-                while entry is None:
+            with broker._lock:
+                while not self._buffer:
                     if self._closed:
                         raise StopIteration
-                    if self._outstanding < self.prefetch:
-                        step = apply(broker._state, Reserve(self.queue_name, self.consumer_id, 1))
+                    room = self.prefetch - self._outstanding
+                    if room > 0:
+                        step = apply(
+                            broker._state, Reserve(self.queue_name, self.consumer_id, room)
+                        )
                         if step.events:
                             broker._state = step.state
-                            self._outstanding += 1
                             (event,) = step.events
                             assert isinstance(event, ev.Reserved)
-                            (entry,) = event.entries
+                            self._buffer.extend(event.entries)
+                            self._outstanding += len(event.entries)
                             break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise StopIteration
                     broker._wait(remaining)
+                entry = self._buffer.popleft()
             try:
-                message = decode_message(entry.payload, get_encoder(), Message)
+                message = decode_message(entry.payload, _message.global_encoder, Message)
             except DecodeError as e:
                 # Never drop it: dead-letter what cannot be decoded, and go on.
                 broker.logger.error("Dead-lettering undecodable message: %s", e)
@@ -319,9 +330,16 @@ class _StubConsumer(Consumer):
             proxy._tag = entry.seq
             return proxy
 
-    def _settle(self, command: Command) -> None:
-        self.broker._apply(command)
-        self._outstanding -= 1
+    def _settle(self, command: Command) -> Step:
+        """Apply a settling command and free its prefetch slot, atomically."""
+        broker = self.broker
+        with broker._lock:
+            step = apply(broker._state, command)
+            broker._state = step.state
+            self._outstanding -= 1
+            if broker._waiters:
+                broker._cond.notify_all()
+        return step
 
     def ack(self, message: MessageProxy) -> None:
         """Settle ``message`` as done.
@@ -347,13 +365,34 @@ class _StubConsumer(Consumer):
         for message in messages:
             self._settle(Requeue(_seq(message)))
 
+    def promote(self, message: MessageProxy) -> Message[Any]:
+        """Move a held delayed message to its canonical queue in one step.
+
+        Returns:
+            The promoted copy as stored (canonical queue, no ``eta``).
+
+        Raises:
+            InvalidTransition: ``message`` is not held from a delay queue.
+        """
+        promoted = policy.promoted(message.message)
+        self._settle(
+            Promote(_seq(message), promoted, encode_message(promoted, _message.global_encoder))
+        )
+        return promoted
+
     def close(self) -> None:
         """Close the consumer; whatever it still holds goes back to its queue."""
-        if self._closed:
-            return
-        self._closed = True
-        self.broker._apply(Release(self.consumer_id))
-        self._outstanding = 0
+        broker = self.broker
+        with broker._lock:
+            if self._closed:
+                return
+            self._closed = True
+            step = apply(broker._state, Release(self.consumer_id))
+            broker._state = step.state
+            self._outstanding = 0
+            self._buffer.clear()
+            if broker._waiters:
+                broker._cond.notify_all()
 
 
 def _seq(message: MessageProxy) -> int:

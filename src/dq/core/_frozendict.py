@@ -89,3 +89,58 @@ def freeze(mapping: Mapping[K, V] | None) -> FrozenDict[K, V]:
     if type(mapping) is FrozenDict:
         return mapping
     return FrozenDict(mapping)
+
+
+#: Values that are immutable already (JSON's scalars).
+_ATOMIC = frozenset({str, int, float, bool, type(None)})
+
+
+def _is_frozen(value: Any) -> bool:
+    kind = type(value)
+    if kind in _ATOMIC:
+        return True
+    if kind is FrozenDict:
+        return all(_is_frozen(v) for v in value.values())
+    if kind is tuple:
+        return all(_is_frozen(v) for v in value)
+    return False
+
+
+def deep_freeze(value: Any, _path: frozenset[int] = frozenset()) -> Any:
+    """Return ``value`` with every dict a `FrozenDict` and every list a tuple, at every
+    depth (encodes to the same JSON). Values frozen already are returned as they are.
+
+    A container that contains itself is left as it is, so that encoding it reports the
+    cycle (``ValueError: Circular reference detected``) as Dramatiq's encoder does.
+    """
+    if type(value) in _ATOMIC or _is_frozen_shallow(value):
+        return value
+    if id(value) in _path:
+        return value
+    path = _path | {id(value)}
+    if isinstance(value, dict):
+        return FrozenDict({k: deep_freeze(v, path) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(deep_freeze(v, path) for v in value)
+    return value
+
+
+def _is_frozen_shallow(value: Any) -> bool:
+    # Only containers need a walk; their walk stops at cycles.
+    kind = type(value)
+    if kind is FrozenDict or kind is tuple:
+        try:
+            return _is_frozen(value)
+        except RecursionError:
+            return False
+    return False
+
+
+def freeze_options(options: Mapping[str, Any] | None) -> FrozenDict[str, Any]:
+    """Return ``options`` as a `FrozenDict` frozen all the way down (no copy when it
+    already is one)."""
+    if not options:
+        return EMPTY
+    if type(options) is FrozenDict and all(type(v) in _ATOMIC for v in options.values()):
+        return options
+    return FrozenDict({k: deep_freeze(v) for k, v in options.items()})

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Generic, Self, TypeAlias, TypeVar
 import attrs
 from rpds import HashTrieMap
 
-from dq.core._frozendict import EMPTY, FrozenDict, freeze
+from dq.core._frozendict import EMPTY, FrozenDict, freeze, freeze_options
 from dq.core.persistent import PQueue, empty_queue
 
 #: A JSON value, as messages carry them.
@@ -103,7 +103,7 @@ class Message(Generic[R_co]):
             self.actor_name if actor_name is None else actor_name,
             self.args if args is None else tuple(args),
             self.kwargs if kwargs is None else freeze(kwargs),
-            self.options if not options else FrozenDict({**self.options, **options}),
+            self.options if not options else freeze_options({**self.options, **options}),
             self.message_id if message_id is None else message_id,
             self.message_timestamp if message_timestamp is None else message_timestamp,
         )
@@ -114,7 +114,7 @@ class Message(Generic[R_co]):
         if unknown:
             raise TypeError(f"Message has no field(s) {sorted(unknown)}; fields are {_FIELDS}")
         if "options" in changes:
-            changes["options"] = freeze(changes["options"])
+            changes["options"] = freeze_options(changes["options"])
         if "kwargs" in changes:
             changes["kwargs"] = freeze(changes["kwargs"])
         if "args" in changes:
