@@ -10,6 +10,7 @@ from typing import Any
 
 from dq.actor import Actor, actor
 from dq.broker import Broker, Consumer, MessageProxy, get_broker, set_broker
+from dq.composition import pipeline
 from dq.encoder import Encoder, JSONEncoder, PickleEncoder
 from dq.errors import (
     ActorNotFound,
@@ -28,11 +29,11 @@ from dq.generic import GenericActor
 from dq.logging import get_logger
 from dq.message import Message, get_encoder, set_encoder
 from dq.middleware import Middleware
+from dq.worker import ConsumerThread, Worker, WorkerThread
 
 __version__ = "0.1.0"
 
-# Dramatiq's order. Worker/ConsumerThread/WorkerThread (worker issue) and
-# group/pipeline (results issue) join this list when they land.
+# Sorted (ruff RUF022), not Dramatiq's order; `group` joins it with the results issue.
 __all__ = [
     "Actor",
     "ActorNotFound",
@@ -42,6 +43,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionFailed",
     "Consumer",
+    "ConsumerThread",
     "DecodeError",
     "DramatiqError",
     "Encoder",
@@ -55,10 +57,13 @@ __all__ = [
     "QueueNotFound",
     "RateLimitExceeded",
     "Retry",
+    "Worker",
+    "WorkerThread",
     "actor",
     "get_broker",
     "get_encoder",
     "get_logger",
+    "pipeline",
     "set_broker",
     "set_encoder",
 ]

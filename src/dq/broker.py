@@ -213,6 +213,11 @@ class Broker(abc.ABC):
         for queue_name in self.get_declared_delay_queues():
             middleware.after_declare_delay_queue(self, queue_name)
 
+    def _remove_middleware(self, middleware: Middleware) -> None:
+        """Take ``middleware`` out of the stack (a stopping worker's own middleware)."""
+        self.middleware = [m for m in self.middleware if m is not middleware]
+        self._hooks = HookTable.build(self.middleware)
+
     # -- actors and queues -----------------------------------------------------------
 
     def declare_actor(self, actor: Actor[Any, Any]) -> None:

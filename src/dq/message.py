@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 from typing_extensions import TypeVar
@@ -14,6 +14,9 @@ from dq.core import Message as CoreMessage
 from dq.core._frozendict import freeze_options
 from dq.encoder import Encoder, JSONEncoder
 from dq.wire import decode_message, encode_message
+
+if TYPE_CHECKING:
+    from dq.composition import pipeline
 
 __all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "set_encoder"]
 
@@ -132,6 +135,18 @@ class Message(CoreMessage[R_co]):
             TypeError: a value is not serialisable.
         """
         return encode_message(self, global_encoder)
+
+    def __or__(self, other: Message[Any] | pipeline) -> pipeline:
+        """Return the pipeline of this message followed by ``other``, on the global
+        broker (as Dramatiq).
+
+        Raises:
+            RuntimeError: no global broker is set.
+        """
+        # Imported here: dq.composition imports dq.broker, which imports this module.
+        from dq.composition import pipeline  # noqa: PLC0415
+
+        return pipeline([self, other])
 
     @classmethod
     def decode(cls, data: bytes) -> Message[Any]:

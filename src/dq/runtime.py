@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from dq.worker import Runner
 
 __all__ = [
     "Clock",
     "IdSource",
     "RandomSource",
+    "Runner",
     "SystemClock",
     "UUID4Source",
     "get_clock",
@@ -142,3 +146,13 @@ def set_id_source(source: IdSource) -> None:
     """Install the process's id source (tests and embedding runtimes)."""
     global _ids
     _ids = source
+
+
+def __getattr__(name: str) -> object:
+    # The Runner lives with the worker (it shares its processing); importing it here
+    # lazily keeps this module free of the broker machinery it sits under.
+    if name == "Runner":
+        from dq.worker import Runner  # noqa: PLC0415
+
+        return Runner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

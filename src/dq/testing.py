@@ -192,8 +192,9 @@ class BrokerConformance(RuleBasedStateMachine):
         record = data.draw(st.sampled_from(self.consumers))
         # A consumer with nothing buffered reserves as much as its prefetch allows, in
         # one batch, then hands the batch out in order.
+        # It reserves only when at least half its prefetch window (at least one) is free.
         room = record.prefetch - len(record.held)
-        if not record.buffer and room > 0:
+        if not record.buffer and room >= max(1, record.prefetch // 2):
             step = self._apply(core.Reserve(record.queue_name, record.consumer_id, room))
             for event in step.events:
                 assert isinstance(event, core.events.Reserved)

@@ -43,7 +43,7 @@ class Interrupt(BaseException):
 def is_gevent_active() -> bool:
     """Return whether gevent is installed and has monkey-patched this process."""
     try:
-        from gevent import monkey  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415 - optional dependency
+        from gevent import monkey  # type: ignore[import-not-found, import-untyped, unused-ignore]  # noqa: PLC0415 - optional dependency
     except ImportError:
         return False
     return bool(monkey.saved)

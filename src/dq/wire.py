@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import cattrs
 
-from dq.core import FrozenDict
+from dq.core import EMPTY, FrozenDict
 from dq.core import Message as CoreMessage
 from dq.core._frozendict import deep_freeze, freeze_options
 from dq.encoder import Encoder, JSONEncoder, MessageData, excerpt
@@ -76,7 +76,22 @@ def message_from_data(data: Mapping[str, Any], cls: type[M], raw: Any = None) ->
     Raises:
         DecodeError: a field is missing, unknown, or of the wrong type.
     """
-    problem = _problem(data)
+    # Fast path: the exact shape every well-formed envelope has. Anything else goes
+    # through _problem, which names what is wrong (or finds nothing wrong).
+    if not (
+        len(data) == 7
+        and type(data.get("queue_name")) is str
+        and type(data.get("actor_name")) is str
+        and type(data.get("args")) is list
+        and type(data.get("kwargs")) is dict
+        and type(data.get("options")) is dict
+        and type(data.get("message_id")) is str
+        and type(data.get("message_timestamp")) is int
+        and all(type(k) is str for k in data["kwargs"])
+    ):
+        problem = _problem(data)
+    else:
+        problem = None
     if problem is not None:
         shown = raw if isinstance(raw, bytes | str) else repr(dict(data))
         raise DecodeError(
@@ -89,7 +104,7 @@ def message_from_data(data: Mapping[str, Any], cls: type[M], raw: Any = None) ->
         data["queue_name"],
         data["actor_name"],
         tuple(data["args"]),
-        FrozenDict(kwargs) if kwargs else FrozenDict(),
+        FrozenDict(kwargs) if kwargs else EMPTY,
         freeze_options(data["options"]),
         data["message_id"],
         data["message_timestamp"],

@@ -280,6 +280,8 @@ class _StubConsumer(Consumer):
 
     When its buffer is empty it reserves as many entries as prefetch allows in one
     step (one lock acquisition for a batch), then hands them out one per ``next()``.
+    It reserves again only once at least half its prefetch window is free (at least
+    one entry), so a busy consumer wakes once per half window, not once per ack.
     Its ``ack``, ``nack``, ``requeue`` and ``promote`` are thread-safe: worker threads
     settle messages directly.
     """
@@ -291,6 +293,7 @@ class _StubConsumer(Consumer):
         self.timeout = timeout
         self.consumer_id = f"stub-consumer-{next(_consumer_ids)}"
         self._outstanding = 0  # reserved and not settled (buffered ones included)
+        self._min_batch = max(1, prefetch // 2)
         self._buffer: deque[Entry] = deque()  # reserved, not yet handed out
         self._closed = False
 
@@ -303,7 +306,7 @@ class _StubConsumer(Consumer):
                     if self._closed:
                         raise StopIteration
                     room = self.prefetch - self._outstanding
-                    if room > 0:
+                    if room >= self._min_batch:
                         step = apply(
                             broker._state, Reserve(self.queue_name, self.consumer_id, room)
                         )
@@ -337,7 +340,13 @@ class _StubConsumer(Consumer):
             step = apply(broker._state, command)
             broker._state = step.state
             self._outstanding -= 1
-            if broker._waiters:
+            # Wake waiters only when it matters: this consumer has room for a batch
+            # again, something went back to a queue, or a queue may have drained.
+            if broker._waiters and (
+                self._outstanding == self.prefetch - self._min_batch
+                or not isinstance(command, Ack)
+                or not broker._state.queues[policy.q_name(self.queue_name)].pending
+            ):
                 broker._cond.notify_all()
         return step
 

@@ -1,12 +1,46 @@
-"""Middleware: hooks around every stage of a message's life."""
+"""Middleware: hooks around every stage of a message's life, and Dramatiq's
+default stack."""
 
 from __future__ import annotations
 
+from dq.middleware.age_limit import AgeLimit
+from dq.middleware.callbacks import Callbacks
+from dq.middleware.current_message import CurrentMessage
 from dq.middleware.middleware import Middleware, MiddlewareError, SkipMessage
+from dq.middleware.pipelines import Pipelines
+from dq.middleware.retries import Retries
+from dq.middleware.shutdown import Shutdown, ShutdownNotifications
+from dq.middleware.threading import Interrupt, raise_thread_exception
+from dq.middleware.time_limit import TimeLimit, TimeLimitExceeded
 
-__all__ = ["Middleware", "MiddlewareError", "SkipMessage", "default_middleware"]
+# Dramatiq's order (AsyncIO and GroupCallbacks join when they land).
+__all__ = [  # noqa: RUF022
+    # Basics
+    "Middleware",
+    "MiddlewareError",
+    "SkipMessage",
+    # Threading
+    "Interrupt",
+    "raise_thread_exception",
+    # Middleware
+    "AgeLimit",
+    "Callbacks",
+    "CurrentMessage",
+    "Pipelines",
+    "Retries",
+    "Shutdown",
+    "ShutdownNotifications",
+    "TimeLimit",
+    "TimeLimitExceeded",
+]
 
-#: The middleware classes ``Broker(middleware=None)`` installs, in order. Dramatiq's
-#: default stack (AgeLimit, TimeLimit, ShutdownNotifications, Callbacks, Pipelines,
-#: Retries) is added by the worker issue; until then it is empty.
-default_middleware: list[type[Middleware]] = []
+#: The middleware classes ``Broker(middleware=None)`` instantiates, in order
+#: (Dramatiq's default stack).
+default_middleware: list[type[Middleware]] = [
+    AgeLimit,
+    TimeLimit,
+    ShutdownNotifications,
+    Callbacks,
+    Pipelines,
+    Retries,
+]

@@ -1,0 +1,764 @@
+"""`Worker`: processes messages in threads (Dramatiq 2.2.1's worker, observably).
+
+A worker runs one `ConsumerThread` per declared queue and per delay queue, and
+``worker_threads`` `WorkerThread`s. Consumer threads take messages from the broker
+and put ready ones on one in-memory priority queue (lower actor ``priority`` first,
+arrival order among equals); delayed ones are held in memory until their eta and
+then promoted to their canonical queue (atomically, when the consumer can). Worker
+threads run the actors and settle each message directly on its consumer: ack after
+success, nack when a middleware failed the message, requeue when a middleware asked
+for redelivery because what replaces the message could not be stored.
+
+`process_message` is the processing of one message, shared with single-threaded
+runtimes (`dq.runtime.Runner`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue as _queue
+import threading
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from dq import runtime
+from dq.broker import Broker, Consumer, MessageProxy
+from dq.common import getenv_int
+from dq.core import InvalidValue, policy
+from dq.errors import ActorNotFound, BrokerConnectionError, RateLimitExceeded, Retry
+from dq.logging import get_logger
+from dq.middleware import Middleware, SkipMessage
+
+if TYPE_CHECKING:
+    from dq.message import Message
+
+__all__ = [
+    "CONSUMER_RESTART_DELAY",
+    "CONSUMER_RESTART_DELAY_SECS",
+    "DELAY_QUEUE_PREFETCH",
+    "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS",
+    "QUEUE_PREFETCH",
+    "WORKER_TIMEOUT",
+    "ConsumerThread",
+    "Runner",
+    "WorkQueue",
+    "Worker",
+    "WorkerThread",
+    "has_results_middleware",
+    "process_message",
+]
+
+#: Prefetch per queue consumer (0: ``min(2 × threads, 65535)``).
+QUEUE_PREFETCH = getenv_int("dramatiq_queue_prefetch") or 0
+#: Prefetch per delay-queue consumer (0: ``min(1000 × threads, 65535)``).
+DELAY_QUEUE_PREFETCH = getenv_int("dramatiq_delay_queue_prefetch") or 0
+#: Consumer idle timeout and worker-thread poll interval (ms).
+WORKER_TIMEOUT = getenv_int("dramatiq_worker_timeout") or 1000
+#: Pause before a failed consumer restarts (ms).
+CONSUMER_RESTART_DELAY = getenv_int("dramatiq_restart_delay") or 3000
+CONSUMER_RESTART_DELAY_SECS = CONSUMER_RESTART_DELAY / 1000
+#: Pause between attempts to settle a message while the broker connection is down.
+POST_PROCESS_MESSAGE_RETRY_DELAY_SECS = 5
+
+_logger = get_logger(__name__)
+
+
+@runtime_checkable
+class _Promoting(Protocol):
+    def promote(self, message: MessageProxy) -> Message[Any]: ...
+
+
+def has_results_middleware(broker: Broker) -> bool:
+    """Return whether ``broker`` has a middleware that stores results."""
+    return broker.get_results_backend() is not None
+
+
+# -- processing one message ---------------------------------------------------------------
+
+
+def _throws(broker: Broker, message: MessageProxy, exception: BaseException) -> bool:
+    try:
+        actor = broker.get_actor(message.actor_name)
+    except ActorNotFound:
+        return False
+    throws: Any = message.options.get("throws") or actor.options.get("throws")
+    return bool(throws) and isinstance(exception, throws)
+
+
+def process_message(
+    broker: Broker, message: MessageProxy, logger: logging.Logger = _logger
+) -> None:
+    """Run the actor of ``message`` between its middleware hooks (no settling).
+
+    The hooks and the actor may fail, skip or change the proxied message; afterwards
+    `settle` decides what the consumer does with it. An exception raised by the actor
+    is stored on the proxy, logged as Dramatiq logs it, and passed to the
+    ``after_process_message`` hooks; it never escapes.
+    """
+    hooks = broker._hooks
+    try:
+        actor = broker.get_actor(message.actor_name)
+    except ActorNotFound as e:
+        logger.error(
+            "Received message %s for undefined actor %r; dead-lettering it.",
+            message.message_id,
+            message.actor_name,
+        )
+        message.stuff_exception(e)
+        message.fail()
+        return
+    try:
+        if hooks.before_process_message:
+            broker._run_before(hooks.before_process_message, message)
+    except SkipMessage:
+        logger.warning("Message %s was skipped.", message)
+        broker._run_after(hooks.after_skip_message, message)
+        return
+    result: Any = None
+    exception: BaseException | None = None
+    if not message.failed:
+        try:
+            result = actor(*message.args, **message.kwargs)
+        except BaseException as e:
+            exception = e
+            message.stuff_exception(e)
+            _log_failure(broker, message, e, logger)
+    if (
+        exception is None
+        and result is not None
+        and "pipe_target" not in message.options
+        and not has_results_middleware(broker)
+    ):
+        logger.warning(
+            "Actor %r returned a value that is not None, but the broker has no results "
+            "middleware, so the value was discarded.",
+            message.actor_name,
+        )
+    if hooks.after_process_message:
+        broker._run_after(hooks.after_process_message, message, result=result, exception=exception)
+
+
+def _log_failure(
+    broker: Broker, message: MessageProxy, exception: BaseException, logger: logging.Logger
+) -> None:
+    if isinstance(exception, Retry):
+        return
+    if isinstance(exception, RateLimitExceeded):
+        logger.debug("Rate limit exceeded in message %s: %s", message.message_id, exception)
+    elif _throws(broker, message, exception):
+        logger.info("Failed to process message %s with expected exception %r.", message, exception)
+    else:
+        logger.error(
+            "Failed to process message %s with unhandled exception.",
+            message,
+            exc_info=exception,
+        )
+
+
+def settle(broker: Broker, consumer: Consumer, message: MessageProxy) -> None:
+    """Settle a processed message on its consumer, with the ack/nack hooks.
+
+    Requeue when a middleware asked for redelivery, nack when it failed the message,
+    ack otherwise.
+
+    Raises:
+        BrokerConnectionError: the broker could not be reached (nothing was settled).
+    """
+    hooks = broker._hooks
+    if message.redelivery_requested:
+        consumer.requeue([message])
+    elif message.failed:
+        broker._run_before(hooks.before_nack, message)
+        consumer.nack(message)
+        broker._run_after(hooks.after_nack, message)
+    else:
+        if hooks.before_ack:
+            broker._run_before(hooks.before_ack, message)
+        consumer.ack(message)
+        if hooks.after_ack:
+            broker._run_after(hooks.after_ack, message)
+
+
+# -- threads ------------------------------------------------------------------------------
+
+#: Work items: (actor priority, arrival order, message, its consumer).
+_WorkItem = tuple[int, int, MessageProxy, Consumer]
+
+
+class WorkQueue:
+    """The worker's in-memory queue: lowest actor priority first, then arrival order.
+
+    Items sit in a heap under a plain lock; idle worker threads block on a C-level
+    `queue.SimpleQueue` holding one token per item, so a put wakes exactly one idle
+    thread with none of `queue.PriorityQueue`'s Python-level condition bookkeeping.
+    ``join`` waits until every item taken was marked done (`task_done`).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[_WorkItem] = []
+        self._lock = threading.Lock()
+        self._tokens: _queue.SimpleQueue[None] = _queue.SimpleQueue()
+        self._unfinished = 0
+        self._all_done = threading.Condition(threading.Lock())
+
+    def put(self, item: _WorkItem) -> None:
+        """Add an item and wake one idle worker thread."""
+        with self._lock:
+            heapq.heappush(self._heap, item)
+            self._unfinished += 1
+        self._tokens.put(None)
+
+    def get(self, timeout: float | None = None) -> _WorkItem:
+        """Take the first item, waiting up to ``timeout`` seconds.
+
+        Raises:
+            queue.Empty: nothing arrived in time.
+        """
+        self._tokens.get(timeout=timeout)
+        with self._lock:
+            return heapq.heappop(self._heap)
+
+    def get_nowait(self) -> _WorkItem:
+        """Take the first item without waiting.
+
+        Raises:
+            queue.Empty: there is none.
+        """
+        self._tokens.get_nowait()
+        with self._lock:
+            return heapq.heappop(self._heap)
+
+    def task_done(self) -> None:
+        """Mark one item taken earlier as processed."""
+        with self._lock:
+            self._unfinished -= 1
+            finished = self._unfinished == 0
+        if finished:
+            with self._all_done:
+                self._all_done.notify_all()
+
+    def join(self) -> None:
+        """Block until every item put was marked done."""
+        with self._all_done:
+            while self._unfinished:
+                self._all_done.wait(0.1)
+
+    @property
+    def unfinished_tasks(self) -> int:
+        """Items put and not yet marked done."""
+        return self._unfinished
+
+    def qsize(self) -> int:
+        """Items waiting (not yet taken)."""
+        return len(self._heap)
+
+
+class _Pausable(threading.Thread):
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.running = False
+        self.paused = False
+        self.paused_event = threading.Event()
+
+    def pause(self) -> None:
+        """Ask the thread to pause (see `Worker.pause`)."""
+        self.paused = True
+        self.paused_event.clear()
+
+    def resume(self) -> None:
+        """Let a paused thread go on."""
+        self.paused = False
+        self.paused_event.clear()
+
+    def stop(self) -> None:
+        """Ask the thread to stop once its current message is done."""
+        self.running = False
+
+
+class ConsumerThread(_Pausable):
+    """Takes messages of one queue from the broker and feeds the worker.
+
+    Ready messages go to the work queue; delayed ones (an ``eta``) are held, ordered
+    by eta, and promoted when due.
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        queue_name: str,
+        prefetch: int,
+        work_queue: WorkQueue,
+        worker_timeout: int,
+    ) -> None:
+        super().__init__(name=f"dq-consumer-{queue_name}")
+        self.logger = get_logger(__name__, type(self))
+        self.broker = broker
+        self.queue_name = queue_name
+        self.prefetch = prefetch
+        self.work_queue = work_queue
+        self.worker_timeout = worker_timeout
+        self.consumer: Consumer | None = None
+        self.delay_queue: list[tuple[int, int, MessageProxy]] = []  # a heap by eta
+        self.delayed_in_memory = threading.Semaphore(0)  # for Worker.join
+        self._order = itertools.count()
+
+    def run(self) -> None:
+        self.running = True
+        broker = self.broker
+        broker._run_after(broker._hooks.after_consumer_thread_boot, self)
+        try:
+            while self.running:
+                try:
+                    if self.consumer is None:
+                        self.consumer = broker.consume(
+                            self.queue_name, prefetch=self.prefetch, timeout=self.worker_timeout
+                        )
+                    self._consume(self.consumer)
+                except BrokerConnectionError:
+                    self.logger.critical(
+                        "Consumer of %r lost its connection; restarting in %.1f s.",
+                        self.queue_name,
+                        CONSUMER_RESTART_DELAY_SECS,
+                        exc_info=True,
+                    )
+                    self.delay_queue.clear()  # the broker redelivers them
+                    self.consumer = None
+                    time.sleep(CONSUMER_RESTART_DELAY_SECS)
+                except Exception:
+                    self.logger.critical(
+                        "Consumer of %r crashed; restarting in %.1f s.",
+                        self.queue_name,
+                        CONSUMER_RESTART_DELAY_SECS,
+                        exc_info=True,
+                    )
+                    self.close()
+                    time.sleep(CONSUMER_RESTART_DELAY_SECS)
+        finally:
+            broker._run_before(broker._hooks.before_consumer_thread_shutdown, self)
+
+    def _consume(self, consumer: Consumer) -> None:
+        while self.running:
+            if self.paused:
+                self.paused_event.set()
+                time.sleep(self.worker_timeout / 1000)
+                continue
+            try:
+                message = next(consumer)
+            except StopIteration:
+                message = None
+            if message is not None:
+                self.handle_message(message)
+            if self.delay_queue:
+                self.handle_delayed_messages()
+
+    def handle_message(self, message: MessageProxy) -> None:
+        """Send a ready message to the work queue, or hold a delayed one."""
+        consumer = self.consumer
+        assert consumer is not None
+        options = message.options
+        if "eta" in options:
+            eta = options["eta"]
+            if eta is None:
+                message.update_message(message.message.without_option("eta"))
+            else:
+                try:
+                    eta_ms = policy.message_eta_ms(message.message)
+                except InvalidValue:
+                    self.logger.warning(
+                        "Message %s has an invalid eta %r; running it now.",
+                        message.message_id,
+                        eta,
+                    )
+                    eta_ms = runtime.get_clock().now_ms()
+                assert eta_ms is not None
+                self.broker._run_before(self.broker._hooks.before_delay_message, message)
+                heapq.heappush(self.delay_queue, (eta_ms, next(self._order), message))
+                return
+        try:
+            priority = self.broker.get_actor(message.actor_name).priority
+        except ActorNotFound:
+            priority = 0  # the worker thread dead-letters it
+        self.work_queue.put((priority, next(self._order), message, consumer))
+
+    def handle_delayed_messages(self) -> None:
+        """Promote every held message whose eta has passed, oldest eta first."""
+        consumer = self.consumer
+        assert consumer is not None
+        now = runtime.get_clock().now_ms()
+        while self.delay_queue and self.delay_queue[0][0] <= now:
+            _, _, message = heapq.heappop(self.delay_queue)
+            try:
+                self._promote(consumer, message)
+            except BrokerConnectionError:
+                heapq.heappush(self.delay_queue, (now, next(self._order), message))
+                raise
+
+    def _promote(self, consumer: Consumer, message: MessageProxy) -> None:
+        if isinstance(consumer, _Promoting) and policy.is_delay_queue(message.queue_name):
+            consumer.promote(message)  # one step: stored on q, forgotten on q.DQ
+            return
+        # A consumer that cannot promote in one step: store the copy, then ack.
+        self.broker.enqueue(policy.promoted(message.message))
+        consumer.ack(message)
+
+    def requeue_messages(self, messages: list[MessageProxy]) -> None:
+        """Return unprocessed messages to the broker (connection errors are logged)."""
+        if not messages or self.consumer is None:
+            return
+        try:
+            self.consumer.requeue(messages)
+        except BrokerConnectionError:
+            self.logger.warning(
+                "Could not requeue %d messages of %r: the broker will redeliver them.",
+                len(messages),
+                self.queue_name,
+                exc_info=True,
+            )
+
+    def close(self) -> None:
+        """Return held delayed messages and close the consumer."""
+        held = [message for _, _, message in self.delay_queue]
+        self.delay_queue.clear()
+        self.requeue_messages(held)
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except Exception:
+                self.logger.warning("Error closing consumer of %r.", self.queue_name, exc_info=True)
+            self.consumer = None
+
+
+class WorkerThread(_Pausable):
+    """Runs actors: takes messages from the work queue, processes and settles them."""
+
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        consumers: dict[str, ConsumerThread],
+        work_queue: WorkQueue,
+        worker_timeout: int,
+    ) -> None:
+        super().__init__(name="dq-worker")
+        self.logger = get_logger(__name__, type(self))
+        self.broker = broker
+        self.consumers = consumers
+        self.work_queue = work_queue
+        self.timeout = worker_timeout / 1000
+
+    def run(self) -> None:
+        self.running = True
+        broker = self.broker
+        broker._run_after(broker._hooks.after_worker_thread_boot, self)
+        get = self.work_queue.get
+        done = self.work_queue.task_done
+        try:
+            while self.running:
+                if self.paused:
+                    self.paused_event.set()
+                    time.sleep(self.timeout)
+                    continue
+                try:
+                    _, _, message, consumer = get(timeout=self.timeout)
+                except _queue.Empty:
+                    continue
+                try:
+                    self.process_message(message, consumer)
+                finally:
+                    done()
+        finally:
+            broker._run_before(broker._hooks.before_worker_thread_shutdown, self)
+
+    def process_message(self, message: MessageProxy, consumer: Consumer) -> None:
+        """Process one message and settle it on its consumer."""
+        try:
+            process_message(self.broker, message, self.logger)
+        except BaseException as e:
+            self.logger.error("Error processing message %s.", message, exc_info=True)
+            if message._exception is None:
+                message.stuff_exception(e)
+        while True:
+            try:
+                settle(self.broker, consumer, message)
+                return
+            except BrokerConnectionError:
+                self.logger.warning(
+                    "Could not settle message %s: the broker is unreachable; retrying in %d s.",
+                    message.message_id,
+                    POST_PROCESS_MESSAGE_RETRY_DELAY_SECS,
+                    exc_info=True,
+                )
+                time.sleep(POST_PROCESS_MESSAGE_RETRY_DELAY_SECS)
+            except Exception:
+                self.logger.error(
+                    "Could not settle message %s; the broker will redeliver it.",
+                    message.message_id,
+                    exc_info=True,
+                )
+                return
+
+
+# -- the worker ----------------------------------------------------------------------------
+
+
+class _WorkerMiddleware(Middleware):
+    """Starts a consumer for every queue declared on the broker while the worker runs."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def after_declare_queue(self, broker: Broker, queue_name: str) -> None:
+        self.worker._add_consumer(queue_name)
+
+    def after_declare_delay_queue(self, broker: Broker, queue_name: str) -> None:
+        self.worker._add_consumer(queue_name, delay=True)
+
+
+class Worker:
+    """Processes messages from a broker's queues in background threads.
+
+    Args:
+        broker: the broker.
+        queues: canonical queue names to consume (None or empty: all). A queue's delay
+            queue is consumed when the queue is.
+        worker_timeout: ms consumers wait for messages and threads poll for work.
+        worker_threads: how many messages run at once.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        queues: set[str] | None = None,
+        worker_timeout: int = WORKER_TIMEOUT,
+        worker_threads: int = 8,
+    ) -> None:
+        if worker_threads < 1:
+            raise ValueError(f"worker_threads must be >= 1, got {worker_threads!r}")
+        if worker_timeout < 1:
+            raise ValueError(f"worker_timeout must be >= 1 ms, got {worker_timeout!r}")
+        self.logger = get_logger(__name__, type(self))
+        self.broker = broker
+        self.consumers: dict[str, ConsumerThread] = {}
+        self.consumer_whitelist = set(queues) if queues else None
+        self.queue_prefetch = min(QUEUE_PREFETCH or worker_threads * 2, 65535)
+        self.delay_prefetch = min(DELAY_QUEUE_PREFETCH or worker_threads * 1000, 65535)
+        self.workers: list[WorkerThread] = []
+        self.work_queue = WorkQueue()
+        self.worker_timeout = worker_timeout
+        self.worker_threads = worker_threads
+        self._middleware: _WorkerMiddleware | None = None
+        self._lock = threading.RLock()
+
+    def start(self) -> None:
+        """Start consuming every (whitelisted) queue, now and as they are declared."""
+        broker = self.broker
+        broker._run_before(broker._hooks.before_worker_boot, self)
+        self._middleware = _WorkerMiddleware(self)
+        broker.add_middleware(self._middleware)  # replays the declared queues
+        for _ in range(self.worker_threads):
+            self._add_worker()
+        broker._run_after(broker._hooks.after_worker_boot, self)
+
+    def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
+        with self._lock:
+            if queue_name in self.consumers:
+                return
+            canonical = policy.q_name(queue_name)
+            if self.consumer_whitelist and canonical not in self.consumer_whitelist:
+                return
+            consumer = ConsumerThread(
+                broker=self.broker,
+                queue_name=queue_name,
+                prefetch=self.delay_prefetch if delay else self.queue_prefetch,
+                work_queue=self.work_queue,
+                worker_timeout=self.worker_timeout,
+            )
+            self.consumers[queue_name] = consumer
+            consumer.start()
+
+    def _add_worker(self) -> None:
+        worker = WorkerThread(
+            broker=self.broker,
+            consumers=self.consumers,
+            work_queue=self.work_queue,
+            worker_timeout=self.worker_timeout,
+        )
+        worker.start()
+        self.workers.append(worker)
+
+    def _threads(self) -> list[_Pausable]:
+        return [*self.consumers.values(), *self.workers]
+
+    def pause(self) -> None:
+        """Stop taking and running messages; returns once every thread is idle."""
+        threads = self._threads()
+        for thread in threads:
+            thread.pause()
+        for thread in threads:
+            while thread.is_alive() and not thread.paused_event.wait(0.05):
+                pass
+
+    def resume(self) -> None:
+        """Go on after `pause`."""
+        for thread in self._threads():
+            thread.resume()
+
+    def stop(self, timeout: int = 600000) -> None:
+        """Stop: finish running messages (within ``timeout`` ms, shared by all threads),
+        return every message not started to the broker, close the consumers."""
+        broker = self.broker
+        broker._run_before(broker._hooks.before_worker_shutdown, self)
+        for worker in self.workers:
+            worker.stop()
+        deadline = time.monotonic() + timeout / 1000
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for consumer in self.consumers.values():
+            consumer.stop()
+        for consumer in self.consumers.values():
+            consumer.join()
+        # Whatever is still in memory was never started: give it back.
+        unstarted: dict[Consumer, list[MessageProxy]] = defaultdict(list)
+        while True:
+            try:
+                _, _, message, owner = self.work_queue.get_nowait()
+            except _queue.Empty:
+                break
+            unstarted[owner].append(message)
+            self.work_queue.task_done()
+        for consumer_thread in self.consumers.values():
+            if consumer_thread.consumer is not None:
+                consumer_thread.requeue_messages(unstarted.pop(consumer_thread.consumer, []))
+            consumer_thread.close()
+        for owner, messages in unstarted.items():  # consumers replaced after a restart
+            owner.requeue(messages)
+        if self._middleware is not None:
+            broker._remove_middleware(self._middleware)
+            self._middleware = None
+        broker._run_after(broker._hooks.after_worker_shutdown, self)
+
+    def join(self) -> None:
+        """Block until every message taken is processed and no delayed one is held."""
+        while True:
+            self.work_queue.join()
+            if any(c.delay_queue for c in self.consumers.values()):
+                time.sleep(self.worker_timeout / 1000 / 10)
+                continue
+            if self.work_queue.unfinished_tasks:
+                continue
+            return
+
+
+# -- a single-threaded runtime ---------------------------------------------------------------
+
+
+class Runner:
+    """Processes messages in the calling thread, one step at a time, with no threads
+    and no sleeps: the seam for embedding dq in another runtime (an event loop, a
+    simulation, a deterministic test).
+
+    Time is the runtime clock's (`dq.runtime.set_clock`), so with a fake clock a test
+    decides when delayed messages and retries come due. Each `step` takes what the
+    broker has ready, promotes held delayed messages whose eta has passed, then runs
+    one ready message (lowest actor priority first, oldest first) and settles it, as
+    a `Worker` would. Middleware that need threads of their own (TimeLimit,
+    ShutdownNotifications) have nothing to interrupt here.
+
+    Args:
+        broker: the broker.
+        queues: canonical queue names to consume (None: every declared queue).
+        prefetch: how many messages each consumer may hold.
+    """
+
+    def __init__(
+        self, broker: Broker, *, queues: set[str] | None = None, prefetch: int = 100
+    ) -> None:
+        self.broker = broker
+        self.logger = get_logger(__name__, type(self))
+        self.prefetch = prefetch
+        self.whitelist = set(queues) if queues else None
+        self.consumers: dict[str, Consumer] = {}
+        self.ready: list[tuple[int, int, MessageProxy, Consumer]] = []
+        self.delayed: list[tuple[int, int, MessageProxy, Consumer]] = []
+        self._order = itertools.count()
+
+    def _sync_consumers(self) -> None:
+        for name in sorted(
+            self.broker.get_declared_queues() | self.broker.get_declared_delay_queues()
+        ):
+            if name in self.consumers or name.endswith(policy.DEAD_SUFFIX):
+                continue
+            if self.whitelist and policy.q_name(name) not in self.whitelist:
+                continue
+            self.consumers[name] = self.broker.consume(name, prefetch=self.prefetch, timeout=0)
+
+    def _take(self) -> None:
+        for consumer in self.consumers.values():
+            for message in consumer:
+                eta = policy.message_eta_ms(message.message) if "eta" in message.options else None
+                if eta is not None:
+                    self.broker._run_before(self.broker._hooks.before_delay_message, message)
+                    heapq.heappush(self.delayed, (eta, next(self._order), message, consumer))
+                    continue
+                try:
+                    priority = self.broker.get_actor(message.actor_name).priority
+                except ActorNotFound:
+                    priority = 0
+                heapq.heappush(self.ready, (priority, next(self._order), message, consumer))
+
+    def _promote_due(self) -> int:
+        now = runtime.get_clock().now_ms()
+        promoted = 0
+        while self.delayed and self.delayed[0][0] <= now:
+            _, _, message, consumer = heapq.heappop(self.delayed)
+            if isinstance(consumer, _Promoting) and policy.is_delay_queue(message.queue_name):
+                consumer.promote(message)
+            else:
+                self.broker.enqueue(policy.promoted(message.message))
+                consumer.ack(message)
+            promoted += 1
+        return promoted
+
+    def step(self) -> bool:
+        """Do one unit of work; return False when there was nothing to do now."""
+        self._sync_consumers()
+        self._take()
+        promoted = self._promote_due()
+        if promoted:
+            self._take()
+        if not self.ready:
+            return promoted > 0
+        _, _, message, consumer = heapq.heappop(self.ready)
+        process_message(self.broker, message, self.logger)
+        settle(self.broker, consumer, message)
+        return True
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Step until nothing is ready and nothing held is due; return the steps taken.
+
+        Raises:
+            RuntimeError: ``max_steps`` were taken and there is still work (a loop).
+        """
+        for steps in range(max_steps):
+            if not self.step():
+                return steps
+        raise RuntimeError(f"still busy after {max_steps} steps")
+
+    def next_eta_ms(self) -> int | None:
+        """When the earliest held delayed message comes due (None: none is held)."""
+        return self.delayed[0][0] if self.delayed else None
+
+    def close(self) -> None:
+        """Return every message taken and not processed to the broker; close consumers."""
+        for items in (self.ready, self.delayed):
+            for _, _, message, consumer in items:
+                consumer.requeue([message])
+            items.clear()
+        for consumer in self.consumers.values():
+            consumer.close()
+        self.consumers.clear()

@@ -1,0 +1,277 @@
+"""Worker: Dramatiq's observable behaviour on StubBroker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import dq
+from dq import Worker
+from dq.brokers.stub import StubBroker
+from dq.middleware import Middleware
+
+
+@pytest.fixture
+def worker_factory(stub_broker: StubBroker) -> Iterator[Any]:
+    workers: list[Worker] = []
+
+    def make(**kwargs: Any) -> Worker:
+        worker = Worker(stub_broker, worker_timeout=50, **kwargs)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.stop(timeout=2000)
+
+
+def test_the_brokers_chapter_example_runs_as_written() -> None:
+    # spec/brokers.md, "Stub Broker", with dq for dramatiq.
+    stub_broker = StubBroker()
+    dq.set_broker(stub_broker)
+
+    @dq.actor
+    def test_task(value: int) -> int:
+        return value * 2
+
+    test_task.send(21)
+    worker = dq.Worker(stub_broker, worker_timeout=100)
+    worker.start()
+    worker.join()
+    worker.stop()
+    assert len(stub_broker.dead_letters) == 0
+    stub_broker.join("default", timeout=1000)
+
+
+def test_messages_are_processed_and_acked(stub_broker: StubBroker, worker_factory: Any) -> None:
+    seen: list[int] = []
+
+    @dq.actor
+    def record(n: int) -> None:
+        seen.append(n)
+
+    for n in range(100):
+        record.send(n)
+    worker_factory().start()
+    stub_broker.join("default", timeout=5000)
+    assert sorted(seen) == list(range(100))
+    assert stub_broker.state.queues["default"].pending == 0
+
+
+def test_lower_priority_runs_first_among_messages_in_memory(
+    stub_broker: StubBroker, worker_factory: Any
+) -> None:
+    order: list[str] = []
+
+    @dq.actor(priority=10)
+    def low() -> None:
+        order.append("low")
+
+    @dq.actor(priority=0)
+    def high() -> None:
+        order.append("high")
+
+    worker = worker_factory(worker_threads=1)
+    worker.queue_prefetch = 100  # room for all 20 in memory (the default is 2 x threads)
+    worker.start()
+    worker.pause()
+    for _ in range(10):
+        low.send()
+        high.send()
+    # Let the consumer take everything into memory while nothing runs.
+    deadline = time.monotonic() + 5
+    while worker.work_queue.qsize() < 20 and time.monotonic() < deadline:
+        worker.consumers["default"].resume()
+        time.sleep(0.01)
+    worker.resume()
+    stub_broker.join("default", timeout=5000)
+    worker.join()
+    assert order == ["high"] * 10 + ["low"] * 10
+
+
+def test_equal_priorities_run_in_send_order(stub_broker: StubBroker, worker_factory: Any) -> None:
+    order: list[int] = []
+
+    @dq.actor
+    def record(n: int) -> None:
+        order.append(n)
+
+    for n in range(50):
+        record.send(n)
+    worker_factory(worker_threads=1).start()
+    stub_broker.join("default", timeout=5000)
+    assert order == list(range(50))
+
+
+def test_an_unknown_actor_is_dead_lettered_and_the_worker_goes_on(
+    stub_broker: StubBroker, worker_factory: Any
+) -> None:
+    seen: list[int] = []
+
+    @dq.actor
+    def known(n: int) -> None:
+        seen.append(n)
+
+    stub_broker.enqueue(dq.Message("default", "nobody", (), {}, {}))
+    known.send(1)
+    worker_factory().start()
+    stub_broker.join("default", timeout=5000, fail_fast=False)
+    assert seen == [1]
+    (dead,) = stub_broker.dead_letters
+    assert dead.actor_name == "nobody"
+    assert isinstance(dead._exception, dq.ActorNotFound)
+
+
+def test_the_queue_whitelist(stub_broker: StubBroker, worker_factory: Any) -> None:
+    @dq.actor(queue_name="a")
+    def on_a() -> None:
+        pass
+
+    worker = worker_factory(queues={"a"})
+    worker.start()
+
+    @dq.actor(queue_name="c")
+    def on_c() -> None:
+        pass
+
+    on_a.send()
+    on_c.send()
+    stub_broker.join("a", timeout=5000)
+    assert set(worker.consumers) == {"a", "a.DQ"}
+    assert stub_broker.queues["c"].qsize() == 1
+
+
+def test_delayed_messages_run_after_their_eta(stub_broker: StubBroker, worker_factory: Any) -> None:
+    ran_at: list[float] = []
+
+    @dq.actor
+    def later() -> None:
+        ran_at.append(time.time())
+
+    worker_factory().start()
+    sent = time.time()
+    later.send_with_options(delay=300)
+    stub_broker.join("default", timeout=5000)
+    assert len(ran_at) == 1
+    assert ran_at[0] - sent >= 0.3
+
+
+def test_pause_and_resume_lose_nothing(stub_broker: StubBroker, worker_factory: Any) -> None:
+    seen: list[int] = []
+
+    @dq.actor
+    def record(n: int) -> None:
+        seen.append(n)
+
+    worker = worker_factory()
+    worker.start()
+    for n in range(20):
+        record.send(n)
+    worker.pause()
+    for n in range(20, 40):
+        record.send(n)
+    worker.resume()
+    stub_broker.join("default", timeout=5000)
+    assert sorted(seen) == list(range(40))
+
+
+def test_stop_returns_unstarted_messages_to_the_broker(
+    stub_broker: StubBroker, worker_factory: Any
+) -> None:
+    started = threading.Event()
+    release = threading.Event()
+    ran: list[int] = []
+
+    @dq.actor
+    def slow(n: int) -> None:
+        started.set()
+        release.wait(5)
+        ran.append(n)
+
+    for n in range(10):
+        slow.send(n)
+    worker = worker_factory(worker_threads=1)
+    worker.start()
+    assert started.wait(5)
+    threading.Timer(0.1, release.set).start()
+    worker.stop(timeout=5000)
+    assert ran == [0]
+    # Everything else is back in the broker, nothing is held by anyone.
+    state = stub_broker.state.queues["default"]
+    assert len(state.ready) == 9 and state.in_flight == 0
+
+
+def test_a_failing_hook_is_logged_and_the_worker_goes_on(
+    stub_broker: StubBroker, worker_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(Middleware):
+        def before_process_message(self, broker: dq.Broker, message: Any) -> None:
+            raise RuntimeError("hook exploded")
+
+    stub_broker.add_middleware(Broken())
+    seen: list[int] = []
+
+    @dq.actor
+    def record(n: int) -> None:
+        seen.append(n)
+
+    record.send(1)
+    record.send(2)
+    worker_factory().start()
+    stub_broker.join("default", timeout=5000)
+    assert sorted(seen) == [1, 2]
+    assert "before_process_message of Broken" in caplog.text
+
+
+def test_without_retries_a_failing_actor_is_acked(
+    stub_broker: StubBroker, worker_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    @dq.actor
+    def fails() -> None:
+        raise ValueError("nope")
+
+    fails.send()
+    worker_factory().start()
+    stub_broker.join("default", timeout=5000)
+    assert stub_broker.dead_letters == []
+    assert "unhandled exception" in caplog.text
+
+
+def test_worker_hooks_are_emitted(stub_broker: StubBroker) -> None:
+    calls: list[str] = []
+
+    class Recorder(Middleware):
+        def before_worker_boot(self, broker: dq.Broker, worker: Any) -> None:
+            calls.append("before_worker_boot")
+
+        def after_worker_boot(self, broker: dq.Broker, worker: Any) -> None:
+            calls.append("after_worker_boot")
+
+        def before_worker_shutdown(self, broker: dq.Broker, worker: Any) -> None:
+            calls.append("before_worker_shutdown")
+
+        def after_worker_shutdown(self, broker: dq.Broker, worker: Any) -> None:
+            calls.append("after_worker_shutdown")
+
+    stub_broker.add_middleware(Recorder())
+    worker = Worker(stub_broker, worker_timeout=20, worker_threads=2)
+    worker.start()
+    worker.stop()
+    assert calls == [
+        "before_worker_boot",
+        "after_worker_boot",
+        "before_worker_shutdown",
+        "after_worker_shutdown",
+    ]
+
+
+def test_prefetch_defaults() -> None:
+    broker = StubBroker(middleware=[])
+    worker = Worker(broker, worker_threads=3)
+    assert worker.queue_prefetch == 6 and worker.delay_prefetch == 3000
+    with pytest.raises(ValueError, match="worker_threads"):
+        Worker(broker, worker_threads=0)
