@@ -218,16 +218,16 @@ def option(
         InvalidValue: an unknown rule.
     """
     if rule == "presence":
-        value = by_presence(key, message_options, actor_options)
-        return default if value is _MISSING else value
+        if key in message_options:
+            return message_options[key]
+        return actor_options.get(key, default)
     if rule == "truthy":
         return message_options.get(key) or actor_options.get(key) or default
     if rule == "not-none":
-        for mapping in (message_options, actor_options):
-            value = mapping.get(key)
-            if value is not None:
-                return value
-        return default
+        value = message_options.get(key)
+        if value is None:
+            value = actor_options.get(key)
+        return default if value is None else value
     raise InvalidValue(f"unknown lookup rule {rule!r}; use 'presence', 'truthy' or 'not-none'")
 
 

@@ -26,9 +26,7 @@ def message_or_actor(
     """Dramatiq's lookup for ``max_age`` and ``time_limit``: the message's value when
     truthy, else the actor's value when the actor has the key (even a falsy one), else
     ``default``."""
-    return policy.option(key, message_options, {}, None, rule="truthy") or policy.option(
-        key, {}, actor_options, default, rule="presence"
-    )
+    return message_options.get(key) or actor_options.get(key, default)
 
 
 class AgeLimit(Middleware):

@@ -49,15 +49,15 @@ class Pipelines(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        # Imported here: dq.message imports dq.middleware (through dq.broker).
-        from dq.message import Message  # noqa: PLC0415
-        from dq.wire import message_from_data  # noqa: PLC0415
-
         if exception is not None or message.failed:
             return
         target = message.options.get("pipe_target")
         if target is None:
             return
+        # Imported here: dq.message imports dq.middleware (through dq.broker).
+        from dq.message import Message  # noqa: PLC0415
+        from dq.wire import message_from_data  # noqa: PLC0415
+
         actor = broker.get_actor(message.actor_name)
         try:
             next_message: Message[Any] = message_from_data(target, Message)

@@ -100,8 +100,11 @@ class ShutdownNotifications(Middleware):
         self._forget()
 
     def _forget(self) -> None:
-        with self._lock:
-            self._threads.discard(threading.get_ident())
+        ident = threading.get_ident()
+        # Only this thread adds or removes its own id, so the unlocked check is safe.
+        if ident in self._threads:
+            with self._lock:
+                self._threads.discard(ident)
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         """Raise `Shutdown` in every thread running an opted-in message."""
