@@ -1,17 +1,19 @@
-"""dq's first example: actors, a broker, and a worker loop processing real tasks.
+"""dq's first example: actors, a broker, a worker, retries, a delay and a pipeline.
 
 Run it with ``python examples/hello.py``. It uses the in-memory StubBroker, so no
-server is needed. (dq's threaded ``Worker`` and the embedded SQLite broker arrive in
-later releases; until then this file drives the broker with a small loop of its own,
-using only the public consumer API.)
+server is needed (the embedded SQLite broker arrives in a later release). It
+enqueues the work, lets a `dq.Worker` with Dramatiq's default middleware (retries,
+age and time limits, callbacks, pipelines) drain it, and prints a summary.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import Counter
+from typing import Any
 
 import dq
 from dq.brokers.stub import StubBroker
@@ -19,78 +21,107 @@ from dq.brokers.stub import StubBroker
 broker = StubBroker()
 dq.set_broker(broker)
 
-results: Counter[str] = Counter()
+
+class Tally(dq.Middleware):
+    """Counts what happened to messages (a typed middleware: every hook is checked)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def after_process_message(
+        self,
+        broker: dq.Broker,
+        message: dq.MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        with self.lock:
+            self.counts["failed attempts" if exception else "processed"] += 1
+
+    def after_nack(self, broker: dq.Broker, message: dq.MessageProxy) -> None:
+        with self.lock:
+            self.counts["dead-lettered"] += 1
+
+
+tally = Tally()
+broker.add_middleware(tally)
+words: Counter[str] = Counter()
+attempts: Counter[int] = Counter()
 
 
 @dq.actor
 def count_words(text: str) -> int:
     """Count the words of a text."""
     n = len(text.split())
-    results["words"] += n
+    words["total"] += n
     return n
 
 
 @dq.actor(queue_name="maths")
 def add(x: int, y: int) -> int:
     """Add two numbers."""
-    results["sum"] += x + y
     return x + y
 
 
 @dq.actor(queue_name="maths")
+def double(x: int) -> int:
+    """Double a number (the last step of a pipeline)."""
+    words["pipeline result"] = 2 * x
+    return 2 * x
+
+
+@dq.actor(max_retries=3, min_backoff=50, max_backoff=200)
+def flaky(n: int) -> None:
+    """Fail the first two attempts of each message, then succeed (retried by Retries)."""
+    attempts[n] += 1
+    if attempts[n] < 3:
+        raise RuntimeError(f"attempt {attempts[n]} of {n} fails on purpose")
+
+
+@dq.actor(max_retries=0, throws=(ZeroDivisionError,))
 def divide(x: int, y: int) -> float:
-    """Divide; fails (and is dead-lettered) when y is 0."""
+    """Divide; dividing by 0 is dead-lettered at once (``throws``: no retry)."""
     return x / y
 
 
-def process(queue_names: list[str], idle_ms: int = 50) -> Counter[str]:
-    """Process messages until every queue has been idle for ``idle_ms``.
-
-    Each message runs its actor; a success is acked, a failure is nacked (moved to
-    the dead letters) with its exception attached.
-    """
-    outcome: Counter[str] = Counter()
-    consumers = [broker.consume(name, prefetch=8, timeout=idle_ms) for name in queue_names]
-    busy = True
-    while busy:
-        busy = False
-        for consumer in consumers:
-            for message in consumer:
-                busy = True
-                actor = broker.get_actor(message.actor_name)
-                try:
-                    actor(*message.args, **message.kwargs)
-                except Exception as e:
-                    message.stuff_exception(e)
-                    message.fail()
-                    consumer.nack(message)
-                    outcome["dead-lettered"] += 1
-                else:
-                    consumer.ack(message)
-                    outcome["processed"] += 1
-    for consumer in consumers:
-        consumer.close()
-    return outcome
-
-
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.CRITICAL)  # the summary below says it all
     start = time.perf_counter()
     n = 1000
     for i in range(n):
         count_words.send(f"message number {i} has exactly seven words")
-        add.send(i, 1)
+    for i in range(5):
+        flaky.send(i)
+    count_words.send_with_options(args=("a delayed hello",), delay=300)
+    (add.message(20, 1) | double.message()).run()
     divide.send(1, 0)
-    print(f"enqueued {2 * n + 1} messages on {sorted(broker.get_declared_queues())}")
-    outcome = process(["default", "maths"])
+    print(f"enqueued {n + 9} messages on {sorted(broker.get_declared_queues())}")
+
+    worker = dq.Worker(broker, worker_threads=4, worker_timeout=50)
+    worker.start()
+    for queue_name in ("default", "maths"):
+        broker.join(queue_name, timeout=30_000, fail_fast=False)
+    worker.join()
+    worker.stop()
+
     elapsed = time.perf_counter() - start
+    counts = tally.counts
+    retried = counts["failed attempts"] - counts["dead-lettered"]
     print(
-        f"processed {outcome['processed']}, dead-lettered {outcome['dead-lettered']} "
-        f"in {elapsed:.2f}s; words counted: {results['words']}, sum: {results['sum']}"
+        f"processed {counts['processed']}, retried {retried}, "
+        f"dead-lettered {counts['dead-lettered']} in {elapsed:.2f}s"
     )
+    print(f"words counted: {words['total']}, pipeline (20 + 1) * 2 = {words['pipeline result']}")
     for proxy in broker.dead_letters:
         print(f"dead letter: {proxy} -> {type(proxy._exception).__name__}: {proxy._exception}")
-    ok = outcome["processed"] == 2 * n and outcome["dead-lettered"] == 1
+    ok = (
+        counts["processed"] == n + 1 + 5 + 2
+        and counts["dead-lettered"] == 1
+        and words["total"] == 7 * n + 3
+        and words["pipeline result"] == 42
+    )
     return 0 if ok else 1
 
 

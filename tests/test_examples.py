@@ -18,6 +18,6 @@ def test_hello_example_processes_everything() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "processed 2000, dead-lettered 1" in done.stdout
-    assert "words counted: 7000, sum: 500500" in done.stdout
-    assert "divide(1, 0) -> ZeroDivisionError" in done.stdout
+    assert "processed 1008, retried 10, dead-lettered 1" in done.stdout
+    assert "words counted: 7003, pipeline (20 + 1) * 2 = 42" in done.stdout
+    assert "divide(1, 0) -> ZeroDivisionError: division by zero" in done.stdout
