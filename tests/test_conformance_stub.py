@@ -15,7 +15,7 @@ def _dead_letters(broker: Broker, queue_name: str) -> Sequence[str]:
 
 
 TestStubBrokerConformance = conformance_test(
-    lambda: StubBroker(middleware=[]),
+    lambda: StubBroker(middleware=[], fail_fast_default=False),
     dead_letters=_dead_letters,
     consumer_timeout_ms=1,
     max_examples=200,

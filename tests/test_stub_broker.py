@@ -224,15 +224,24 @@ def _dead_letter(broker: StubBroker, exception: BaseException | None) -> None:
     consumer.nack(proxy)
 
 
-def test_join_fails_fast_with_the_exception_of_a_message_dead_lettered_during_it() -> None:
+def test_join_fails_fast_with_the_exception_of_a_dead_letter_once() -> None:
     broker = StubBroker(middleware=[])
     broker.declare_queue("default")
     broker.enqueue(msg("default"))
     threading.Timer(0.02, _dead_letter, (broker, KeyError("lost"))).start()
     with pytest.raises(KeyError, match="lost"):
         broker.join("default", timeout=5000)
-    # It was dead-lettered before this join started: not raised again.
+    # An earlier join raised it already: a later join does not raise it again.
     broker.join("default", timeout=100)
+
+
+def test_join_raises_a_dead_letter_made_before_it_started() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    broker.enqueue(msg("default"))
+    _dead_letter(broker, KeyError("early"))
+    with pytest.raises(KeyError, match="early"):
+        broker.join("default", timeout=100)
 
 
 def test_join_fail_fast_with_no_stored_exception_raises_a_generic_one() -> None:

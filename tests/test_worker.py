@@ -275,3 +275,54 @@ def test_prefetch_defaults() -> None:
     assert worker.queue_prefetch == 6 and worker.delay_prefetch == 3000
     with pytest.raises(ValueError, match="worker_threads"):
         Worker(broker, worker_threads=0)
+
+
+def test_join_fails_fast_with_the_actors_exception_once_retries_are_exhausted() -> None:
+    broker = StubBroker()  # default middleware: Retries dead-letters after max_retries
+    dq.set_broker(broker)
+
+    @dq.actor(max_retries=0)
+    def broken() -> None:
+        raise LookupError("the actor's own error")
+
+    broken.send()
+    worker = Worker(broker, worker_timeout=20)
+    worker.start()
+    try:
+        with pytest.raises(LookupError, match="the actor's own error"):
+            broker.join("default", timeout=5000)
+    finally:
+        worker.stop()
+
+
+class RefusesDelays(StubBroker):
+    """A broker that cannot store delayed messages (so no retry can be stored)."""
+
+    def enqueue(self, message: Any, *, delay: int | None = None) -> Any:
+        if delay is not None:
+            raise dq.ConnectionClosed("the delay queue is unreachable")
+        return super().enqueue(message, delay=delay)
+
+
+def test_a_retry_that_cannot_be_stored_leaves_the_original_unacked() -> None:
+    broker = RefusesDelays()
+    dq.set_broker(broker)
+    attempts: list[int] = []
+
+    @dq.actor(min_backoff=10)
+    def fails_once() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+
+    fails_once.send()
+    worker = Worker(broker, worker_timeout=20, worker_threads=1)
+    worker.start()
+    try:
+        # The retry could not be stored, so the original was requeued, not acked, and
+        # ran again: nothing was lost.
+        broker.join("default", timeout=5000)
+    finally:
+        worker.stop()
+    assert len(attempts) == 2
+    assert broker.dead_letters == []

@@ -101,6 +101,7 @@ class StubBroker(Broker):
         self._waiters = 0  # threads in self._cond.wait(); notify only when there are some
         self.dead_letters_by_queue: defaultdict[str, list[MessageProxy]] = defaultdict(list)
         self.fail_fast_default = fail_fast_default
+        self._dead_letters_raised: dict[str, int] = {}  # by queue: raised by a join
         super().__init__(middleware)
 
     # -- the interpreter -------------------------------------------------------------
@@ -217,12 +218,14 @@ class StubBroker(Broker):
         """
         self._apply(Flush(queue_name))
         self.dead_letters_by_queue.pop(policy.q_name(queue_name), None)
+        self._dead_letters_raised.pop(policy.q_name(queue_name), None)
 
     def flush_all(self) -> None:
         """Drop every waiting message and every dead letter."""
         self._apply(FlushAll())
         for dead in self.dead_letters_by_queue.values():
             dead.clear()
+        self._dead_letters_raised.clear()
 
     def join(
         self, queue_name: str, *, timeout: int | None = None, fail_fast: bool | None = None
@@ -233,8 +236,10 @@ class StubBroker(Broker):
             queue_name: the queue.
             timeout: ms to wait at most; None waits forever.
             fail_fast: when true, re-raise the exception of the first message
-                dead-lettered on this queue during the join (None means the broker's
-                ``fail_fast_default``).
+                dead-lettered on this queue that no earlier join has raised (None means
+                the broker's ``fail_fast_default``). Each dead letter is raised once,
+                so an old failure does not fail every later join (as in Dramatiq,
+                until ``flush_all``).
 
         Raises:
             QueueNotFound: the queue is not declared.
@@ -244,7 +249,6 @@ class StubBroker(Broker):
         if name not in self._state.queues:
             raise QueueNotFound(queue_name)
         should_fail_fast = self.fail_fast_default if fail_fast is None else fail_fast
-        dead_before = len(self.dead_letters_by_queue.get(name, ()))
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         with self._cond:
             while pending(self._state, name):
@@ -256,8 +260,12 @@ class StubBroker(Broker):
                     raise QueueJoinTimeout(queue_name)
                 self._wait(remaining)
         if should_fail_fast:
-            for proxy in self.dead_letters_by_queue.get(name, [])[dead_before:]:
-                raise (proxy._exception or Exception("Message failed with unknown error")) from None
+            dead = self.dead_letters_by_queue.get(name, [])
+            raised = self._dead_letters_raised.get(name, 0)
+            if len(dead) > raised:
+                self._dead_letters_raised[name] = len(dead)
+                exception = dead[raised]._exception
+                raise (exception or Exception("Message failed with unknown error")) from None
 
     @property
     def dead_letters(self) -> list[MessageProxy]:
