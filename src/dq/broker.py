@@ -11,7 +11,7 @@ import abc
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, Self, TypeVar, overload
 
 import attrs
 
@@ -35,44 +35,62 @@ def _overrides(middleware: Middleware, name: str) -> bool:
     return getattr(type(middleware), name) is not getattr(Middleware, name)
 
 
+class _AfterProcess(Protocol):
+    def __call__(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = ...,
+        exception: BaseException | None = ...,
+    ) -> None: ...
+
+
+_OnMessage = tuple[Callable[["Broker", "MessageProxy"], None], ...]
+_OnActor = tuple[Callable[["Broker", "Actor[Any, Any]"], None], ...]
+_OnQueue = tuple[Callable[["Broker", str], None], ...]
+_OnEnqueue = tuple[Callable[["Broker", "Message[Any]", int | None], None], ...]
+_OnObject = tuple[Callable[["Broker", Any], None], ...]  # a worker or a thread
+
+
 @attrs.frozen
 class HookTable:
     """For each hook, the bound methods of the middleware that override it, in order.
 
-    Built once per change of the middleware list; dispatch walks a tuple, and hooks no
-    middleware overrides cost nothing.
+    Built once per change of the middleware list; dispatch walks a typed tuple, and
+    hooks no middleware overrides cost nothing.
     """
 
-    before_ack: tuple[Callable[..., None], ...] = ()
-    after_ack: tuple[Callable[..., None], ...] = ()
-    before_nack: tuple[Callable[..., None], ...] = ()
-    after_nack: tuple[Callable[..., None], ...] = ()
-    before_declare_actor: tuple[Callable[..., None], ...] = ()
-    after_declare_actor: tuple[Callable[..., None], ...] = ()
-    before_declare_queue: tuple[Callable[..., None], ...] = ()
-    after_declare_queue: tuple[Callable[..., None], ...] = ()
-    after_declare_delay_queue: tuple[Callable[..., None], ...] = ()
-    before_enqueue: tuple[Callable[..., None], ...] = ()
-    after_enqueue: tuple[Callable[..., None], ...] = ()
-    before_delay_message: tuple[Callable[..., None], ...] = ()
-    before_process_message: tuple[Callable[..., None], ...] = ()
-    after_process_message: tuple[Callable[..., None], ...] = ()
-    after_skip_message: tuple[Callable[..., None], ...] = ()
-    after_process_boot: tuple[Callable[..., None], ...] = ()
-    before_worker_boot: tuple[Callable[..., None], ...] = ()
-    after_worker_boot: tuple[Callable[..., None], ...] = ()
-    before_worker_shutdown: tuple[Callable[..., None], ...] = ()
-    after_worker_shutdown: tuple[Callable[..., None], ...] = ()
-    after_consumer_thread_boot: tuple[Callable[..., None], ...] = ()
-    before_consumer_thread_shutdown: tuple[Callable[..., None], ...] = ()
-    after_worker_thread_boot: tuple[Callable[..., None], ...] = ()
-    before_worker_thread_shutdown: tuple[Callable[..., None], ...] = ()
+    before_ack: _OnMessage = ()
+    after_ack: _OnMessage = ()
+    before_nack: _OnMessage = ()
+    after_nack: _OnMessage = ()
+    before_declare_actor: _OnActor = ()
+    after_declare_actor: _OnActor = ()
+    before_declare_queue: _OnQueue = ()
+    after_declare_queue: _OnQueue = ()
+    after_declare_delay_queue: _OnQueue = ()
+    before_enqueue: _OnEnqueue = ()
+    after_enqueue: _OnEnqueue = ()
+    before_delay_message: _OnMessage = ()
+    before_process_message: _OnMessage = ()
+    after_process_message: tuple[_AfterProcess, ...] = ()
+    after_skip_message: _OnMessage = ()
+    after_process_boot: tuple[Callable[[Broker], None], ...] = ()
+    before_worker_boot: _OnObject = ()
+    after_worker_boot: _OnObject = ()
+    before_worker_shutdown: _OnObject = ()
+    after_worker_shutdown: _OnObject = ()
+    after_consumer_thread_boot: _OnObject = ()
+    before_consumer_thread_shutdown: _OnObject = ()
+    after_worker_thread_boot: _OnObject = ()
+    before_worker_thread_shutdown: _OnObject = ()
 
     @classmethod
     def build(cls, middleware: Sequence[Middleware]) -> HookTable:
         """Return the table for ``middleware``: ``before_*`` in list order, ``after_*``
         in reverse list order (Dramatiq's order)."""
-        table: dict[str, tuple[Callable[..., None], ...]] = {}
+        table: dict[str, tuple[Any, ...]] = {}
         for name in HOOK_NAMES:
             ordered = middleware if name.startswith("before_") else list(reversed(middleware))
             table[name] = tuple(getattr(m, name) for m in ordered if _overrides(m, name))
