@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Run the dq-vs-Dramatiq benchmarks in their own venv (<repo>/.bench-venv).
 #
-#   bash bench/run.sh [enqueue.py options]     e.g. bash bench/run.sh --runs 5 --n 200000
+#   bash bench/run.sh [options]               enqueue.py, e.g. bash bench/run.sh --runs 5
+#   bash bench/run.sh enqueue [options]       the same
+#   bash bench/run.sh drain [options]         drain.py,   e.g. bash bench/run.sh drain --n 100000
+#   bash bench/run.sh latency [options]       latency.py, e.g. bash bench/run.sh latency --samples 500
 #
+# A first argument that is not a benchmark name (an option such as --runs) runs
+# enqueue.py with all the arguments, as run.sh always did.
 # Works from any directory. The venv is created once and reused; dq is installed
 # editable (source changes are picked up without reinstalling), and the install step
 # is re-run only when pyproject.toml, constraints.txt or bench/requirements.txt change.
@@ -41,4 +46,12 @@ if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$want" ]]; then
     printf '%s\n' "$want" >"$stamp"
 fi
 
-exec "$py" "$bench_dir/enqueue.py" "$@"
+script=enqueue
+case "${1:-}" in
+    enqueue | drain | latency)
+        script="$1"
+        shift
+        ;;
+esac
+
+exec "$py" "$bench_dir/$script.py" "$@"

@@ -41,6 +41,7 @@ from dq.core import (
     policy,
 )
 from dq.core import events as ev
+from dq.core.effects import Deliver, Effect, PushDelayed, PushReady
 from dq.core.machine import pending
 from dq.errors import DecodeError, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
@@ -52,6 +53,29 @@ __all__ = ["StubBroker"]
 M = TypeVar("M", bound=Message[Any])
 
 _consumer_ids = itertools.count(1)
+
+
+class _Signal:
+    """A condition on the broker's lock that knows whether anyone waits on it."""
+
+    __slots__ = ("_cond", "_waiters")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._cond = threading.Condition(lock)
+        self._waiters = 0
+
+    def wait(self, timeout: float | None) -> None:
+        """Wait to be woken or for ``timeout`` seconds (call with the lock held)."""
+        self._waiters += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiters -= 1
+
+    def notify_all(self) -> None:
+        """Wake every waiter, if any (call with the lock held)."""
+        if self._waiters:
+            self._cond.notify_all()
 
 
 class StubQueue:
@@ -97,8 +121,10 @@ class StubBroker(Broker):
     ) -> None:
         self._state: BrokerState = initial_state()
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # waits and wake-ups, on the same lock
-        self._waiters = 0  # threads in self._cond.wait(); notify only when there are some
+        # Who waits for what, all on the one lock: consumers of each queue (and delay
+        # queue) wait on that queue's signal; joins wait on `_settled`.
+        self._signals: dict[str, _Signal] = {}
+        self._settled = _Signal(self._lock)
         self.dead_letters_by_queue: defaultdict[str, list[MessageProxy]] = defaultdict(list)
         self.fail_fast_default = fail_fast_default
         self._dead_letters_raised: dict[str, int] = {}  # by queue: raised by a join
@@ -126,17 +152,26 @@ class StubBroker(Broker):
                     raise QueueNotFound(_queue_of(command)) from None
                 raise
             self._state = step.state
-            if step.effects and self._waiters:
-                self._cond.notify_all()
+            if step.effects:
+                self._signal(step.effects)
         return step
 
-    def _wait(self, timeout: float | None) -> None:
-        """Wait for the next state change (call with ``self._cond`` held)."""
-        self._waiters += 1
-        try:
-            self._cond.wait(timeout)
-        finally:
-            self._waiters -= 1
+    def _signal_of(self, queue_name: str) -> _Signal:
+        """The signal consumers of ``queue_name`` wait on (made on first use)."""
+        signal = self._signals.get(queue_name)
+        if signal is None:
+            signal = self._signals.setdefault(queue_name, _Signal(self._lock))
+        return signal
+
+    def _signal(self, effects: tuple[Effect, ...]) -> None:
+        """Wake whoever waits on what ``effects`` changed (call with the lock held)."""
+        for effect in effects:
+            if isinstance(effect, PushReady | PushDelayed):
+                signal = self._signals.get(effect.row[1])
+                if signal is not None:
+                    signal.notify_all()
+            elif not isinstance(effect, Deliver):
+                self._settled.notify_all()  # forgotten, dead-lettered, purged
 
     # -- Broker API --------------------------------------------------------------------
 
@@ -250,15 +285,15 @@ class StubBroker(Broker):
             raise QueueNotFound(queue_name)
         should_fail_fast = self.fail_fast_default if fail_fast is None else fail_fast
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
-        with self._cond:
+        with self._lock:
             while pending(self._state, name):
                 if deadline is None:
-                    self._wait(None)
+                    self._settled.wait(None)
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise QueueJoinTimeout(queue_name)
-                self._wait(remaining)
+                self._settled.wait(remaining)
         if should_fail_fast:
             dead = self.dead_letters_by_queue.get(name, [])
             raised = self._dead_letters_raised.get(name, 0)
@@ -307,6 +342,7 @@ class _StubConsumer(Consumer):
 
     def __next__(self) -> MessageProxy:
         broker = self.broker
+        signal = broker._signal_of(self.queue_name)
         deadline = time.monotonic() + self.timeout / 1000
         while True:
             with broker._lock:
@@ -328,7 +364,7 @@ class _StubConsumer(Consumer):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise StopIteration
-                    broker._wait(remaining)
+                    signal.wait(remaining)
                 entry = self._buffer.popleft()
             try:
                 message = decode_message(entry.payload, _message.global_encoder, Message)
@@ -348,14 +384,11 @@ class _StubConsumer(Consumer):
             step = apply(broker._state, command)
             broker._state = step.state
             self._outstanding -= 1
-            # Wake waiters only when it matters: this consumer has room for a batch
-            # again, something went back to a queue, or a queue may have drained.
-            if broker._waiters and (
-                self._outstanding == self.prefetch - self._min_batch
-                or not isinstance(command, Ack)
-                or not broker._state.queues[policy.q_name(self.queue_name)].pending
-            ):
-                broker._cond.notify_all()
+            if self._outstanding == self.prefetch - self._min_batch:
+                # Room for a batch again: wake this queue's consumers (this one).
+                broker._signal_of(self.queue_name).notify_all()
+            if step.effects:
+                broker._signal(step.effects)
         return step
 
     def ack(self, message: MessageProxy) -> None:
@@ -408,8 +441,8 @@ class _StubConsumer(Consumer):
             broker._state = step.state
             self._outstanding = 0
             self._buffer.clear()
-            if broker._waiters:
-                broker._cond.notify_all()
+            if step.effects:
+                broker._signal(step.effects)
 
 
 def _seq(message: MessageProxy) -> int:
