@@ -203,6 +203,7 @@ class WorkQueue:
         self._tokens: _queue.SimpleQueue[None] = _queue.SimpleQueue()
         self._unfinished = 0
         self._all_done = threading.Condition(threading.Lock())
+        self._joining = 0  # threads in join(): task_done notifies only when some wait
 
     def put(self, item: _WorkItem) -> None:
         """Add an item and wake one idle worker thread."""
@@ -236,15 +237,19 @@ class WorkQueue:
         with self._lock:
             self._unfinished -= 1
             finished = self._unfinished == 0
-        if finished:
+        if finished and self._joining:
             with self._all_done:
                 self._all_done.notify_all()
 
     def join(self) -> None:
         """Block until every item put was marked done."""
         with self._all_done:
-            while self._unfinished:
-                self._all_done.wait(0.1)
+            self._joining += 1
+            try:
+                while self._unfinished:
+                    self._all_done.wait(0.1)
+            finally:
+                self._joining -= 1
 
     @property
     def unfinished_tasks(self) -> int:
