@@ -17,10 +17,9 @@ MessageData: TypeAlias = dict[str, Any]
 
 _EXCERPT = 80
 
-_ENVELOPE = (
-    '{"queue_name":%s,"actor_name":%s,"args":%s,"kwargs":%s,"options":%s,'
-    '"message_id":%s,"message_timestamp":%s}'
-)
+_HEAD = '{"queue_name":%s,"actor_name":%s,"args":'
+_BODY = '%s%s,"kwargs":%s,"options":%s,"message_id":%s,"message_timestamp":%s}'
+_MAX_HEADS = 4096
 _str = json.encoder.encode_basestring_ascii  # what the JSON encoder uses for str
 _c_make_encoder: type[_json.make_encoder] | None = getattr(_json, "make_encoder", None)
 _int = int.__repr__  # what the JSON encoder uses for int
@@ -57,6 +56,7 @@ class JSONEncoder(Encoder):
 
     def __init__(self) -> None:
         self._encoder = json.JSONEncoder(separators=(",", ":"))
+        self._heads: dict[tuple[str, str], str] = {}
         # The C encoder json.dumps builds per call, built once. It runs without
         # circular-reference markers (they would be shared across threads); a cycle
         # then overflows the stack, and `_dumps` re-encodes on the checked path so
@@ -100,11 +100,13 @@ class JSONEncoder(Encoder):
         """Return the envelope of these seven fields: the same bytes as `encode` of
         their dict, without building the dict (the hot path of every send)."""
         dumps = self._dumps
+        head = self._heads.get((queue_name, actor_name))
+        if head is None:
+            head = self._head(queue_name, actor_name)
         return (
-            _ENVELOPE
+            _BODY
             % (
-                _str(queue_name),
-                _str(actor_name),
+                head,
                 dumps(args),
                 dumps(kwargs) if kwargs else "{}",
                 dumps(options) if options else "{}",
@@ -112,6 +114,13 @@ class JSONEncoder(Encoder):
                 _int(message_timestamp),
             )
         ).encode("utf-8")
+
+    def _head(self, queue_name: str, actor_name: str) -> str:
+        """The envelope's start for a queue and actor, remembered (a few per app)."""
+        head = _HEAD % (_str(queue_name), _str(actor_name))
+        if len(self._heads) < _MAX_HEADS:
+            self._heads[queue_name, actor_name] = head
+        return head
 
     def encode(self, data: MessageData) -> bytes:
         """Return ``data`` as compact JSON bytes.

@@ -58,19 +58,22 @@ _consumer_ids = itertools.count(1)
 class _Signal:
     """A condition on the broker's lock that knows whether anyone waits on it."""
 
-    __slots__ = ("_cond", "_waiters")
+    __slots__ = ("_all", "_cond", "_waiters")
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self, lock: threading.Lock, waiting: list[int]) -> None:
         self._cond = threading.Condition(lock)
         self._waiters = 0
+        self._all = waiting  # the broker's count of waiters on all its signals
 
     def wait(self, timeout: float | None) -> None:
         """Wait to be woken or for ``timeout`` seconds (call with the lock held)."""
         self._waiters += 1
+        self._all[0] += 1
         try:
             self._cond.wait(timeout)
         finally:
             self._waiters -= 1
+            self._all[0] -= 1
 
     def notify_all(self) -> None:
         """Wake every waiter, if any (call with the lock held)."""
@@ -124,7 +127,8 @@ class StubBroker(Broker):
         # Who waits for what, all on the one lock: consumers of each queue (and delay
         # queue) wait on that queue's signal; joins wait on `_settled`.
         self._signals: dict[str, _Signal] = {}
-        self._settled = _Signal(self._lock)
+        self._waiting = [0]  # threads waiting on any signal (skip signalling when 0)
+        self._settled = _Signal(self._lock, self._waiting)
         self.dead_letters_by_queue: defaultdict[str, list[MessageProxy]] = defaultdict(list)
         self.fail_fast_default = fail_fast_default
         self._dead_letters_raised: dict[str, int] = {}  # by queue: raised by a join
@@ -152,7 +156,7 @@ class StubBroker(Broker):
                     raise QueueNotFound(_queue_of(command)) from None
                 raise
             self._state = step.state
-            if step.effects:
+            if step.effects and self._waiting[0]:
                 self._signal(step.effects)
         return step
 
@@ -160,7 +164,7 @@ class StubBroker(Broker):
         """The signal consumers of ``queue_name`` wait on (made on first use)."""
         signal = self._signals.get(queue_name)
         if signal is None:
-            signal = self._signals.setdefault(queue_name, _Signal(self._lock))
+            signal = self._signals.setdefault(queue_name, _Signal(self._lock, self._waiting))
         return signal
 
     def _signal(self, effects: tuple[Effect, ...]) -> None:
