@@ -213,16 +213,17 @@ class StubBroker(Broker):
             if not _is_delay(delay):
                 raise ValueError(f"delay must be a whole number of ms >= 0, got {delay!r}")
             message = policy.delayed(message, delay_ms=delay, now_ms=runtime.get_clock().now_ms())
-        if self._hooks.before_enqueue:
+        hooks = self._hooks
+        if hooks.before_enqueue:
             # Dramatiq checks the queue before the hooks run; apply() checks it too.
             if policy.q_name(message.queue_name) not in self._state.queues:
                 raise QueueNotFound(message.queue_name)
-            self._run_before(self._hooks.before_enqueue, message, delay)
+            self._run_before(hooks.before_enqueue, message, delay)
         step = self._apply(Enqueue(message, encode_message(message, _message.global_encoder)))
-        if self._hooks.after_enqueue:
+        if hooks.after_enqueue:
             for event in step.events:
                 if isinstance(event, ev.Enqueued):
-                    self._run_after(self._hooks.after_enqueue, message, delay)
+                    self._run_after(hooks.after_enqueue, message, delay)
         return message
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:

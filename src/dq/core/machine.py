@@ -112,6 +112,8 @@ Handler = Callable[[BrokerState, Any], Step]
 
 
 def _queue_status(state: BrokerState, queue_name: str) -> Status:
+    if queue_name in state.queues:  # a declared canonical name: the common case
+        return Status.DECLARED
     if queue_name.endswith(DEAD_SUFFIX):
         return Status.DEAD_LETTER_QUEUE
     return Status.DECLARED if q_name(queue_name) in state.queues else Status.UNDECLARED
