@@ -134,12 +134,7 @@ class Broker(abc.ABC):
             except MiddlewareError:
                 raise
             except Exception:
-                self.logger.critical(
-                    "Unexpected failure in %s of %s.",
-                    hook.__name__,
-                    type(getattr(hook, "__self__", hook)).__name__,
-                    exc_info=True,
-                )
+                self._log_hook_failure(hook)
 
     def _run_after(
         self,
@@ -152,12 +147,16 @@ class Broker(abc.ABC):
             try:
                 hook(self, *args, **kwargs)
             except Exception:
-                self.logger.critical(
-                    "Unexpected failure in %s of %s.",
-                    hook.__name__,
-                    type(getattr(hook, "__self__", hook)).__name__,
-                    exc_info=True,
-                )
+                self._log_hook_failure(hook)
+
+    def _log_hook_failure(self, hook: Callable[..., None]) -> None:
+        """Log the exception being handled, naming the hook and its middleware."""
+        self.logger.critical(
+            "Unexpected failure in %s of %s.",
+            getattr(hook, "__name__", repr(hook)),
+            type(getattr(hook, "__self__", hook)).__name__,
+            exc_info=True,
+        )
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """Call ``before_<signal>`` on every middleware, in order (Dramatiq's API).

@@ -29,16 +29,8 @@ __all__ = [
 
 M = TypeVar("M", bound=CoreMessage[Any])
 
-#: The envelope's keys, in Dramatiq's order.
-FIELDS = (
-    "queue_name",
-    "actor_name",
-    "args",
-    "kwargs",
-    "options",
-    "message_id",
-    "message_timestamp",
-)
+#: The envelope's keys, in Dramatiq's order (the message record's field order).
+FIELDS = CoreMessage._fields
 _FIELD_SET = frozenset(FIELDS)
 
 
