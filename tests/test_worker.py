@@ -326,3 +326,37 @@ def test_a_retry_that_cannot_be_stored_leaves_the_original_unacked() -> None:
         worker.stop()
     assert len(attempts) == 2
     assert broker.dead_letters == []
+
+
+def test_equal_priorities_from_two_queues_never_compare_messages(
+    stub_broker: StubBroker, worker_factory: Any
+) -> None:
+    # The FIFO tie-break is shared by every consumer: two messages of equal priority
+    # from two queues are ordered by arrival, never by comparing the messages
+    # (MessageProxy comparison is deprecated and would fail this test).
+    seen: list[str] = []
+
+    @dq.actor(queue_name="one")
+    def first(n: int) -> None:
+        seen.append(f"one-{n}")
+
+    @dq.actor(queue_name="two")
+    def second(n: int) -> None:
+        seen.append(f"two-{n}")
+
+    worker = worker_factory(worker_threads=1)
+    worker.queue_prefetch = 50
+    worker.start()
+    worker.pause()
+    for n in range(20):
+        first.send(n)
+        second.send(n)
+    deadline = time.monotonic() + 5
+    while worker.work_queue.qsize() < 40 and time.monotonic() < deadline:
+        for consumer in worker.consumers.values():
+            consumer.resume()
+        time.sleep(0.01)
+    worker.resume()
+    stub_broker.join("one", timeout=5000)
+    stub_broker.join("two", timeout=5000)
+    assert sorted(seen) == sorted([f"one-{n}" for n in range(20)] + [f"two-{n}" for n in range(20)])

@@ -199,14 +199,20 @@ class WorkQueue:
 
     def __init__(self) -> None:
         self._heap: list[_WorkItem] = []
+        self._arrivals = itertools.count()  # the FIFO tie-break, shared by all consumers
         self._lock = threading.Lock()
         self._tokens: _queue.SimpleQueue[None] = _queue.SimpleQueue()
         self._unfinished = 0
         self._all_done = threading.Condition(threading.Lock())
         self._joining = 0  # threads in join(): task_done notifies only when some wait
 
-    def put(self, item: _WorkItem) -> None:
-        """Add an item and wake one idle worker thread."""
+    def put(self, priority: int, message: MessageProxy, consumer: Consumer) -> None:
+        """Add a message and wake one idle worker thread.
+
+        Messages are ordered by ``priority`` (lower first), then by when they were
+        put here, whichever consumer they come from.
+        """
+        item = (priority, next(self._arrivals), message, consumer)
         with self._lock:
             heapq.heappush(self._heap, item)
             self._unfinished += 1
@@ -308,7 +314,6 @@ class ConsumerThread(_Pausable):
         self.worker_timeout = worker_timeout
         self.consumer: Consumer | None = None
         self.delay_queue: list[tuple[int, int, MessageProxy]] = []  # a heap by eta
-        self.delayed_in_memory = threading.Semaphore(0)  # for Worker.join
         self._order = itertools.count()
 
     def run(self) -> None:
@@ -387,7 +392,7 @@ class ConsumerThread(_Pausable):
             priority = self.broker.get_actor(message.actor_name).priority
         except ActorNotFound:
             priority = 0  # the worker thread dead-letters it
-        self.work_queue.put((priority, next(self._order), message, consumer))
+        self.work_queue.put(priority, message, consumer)
 
     def handle_delayed_messages(self) -> None:
         """Promote every held message whose eta has passed, oldest eta first."""
