@@ -18,26 +18,20 @@ options.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import platform
 import random
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import dramatiq
 import dramatiq.worker
-from dramatiq.brokers.stub import StubBroker as DramatiqStubBroker
 
-import dq
 import dq.worker
-from dq.brokers.stub import StubBroker as DqStubBroker
+import harness
+from harness import Figures, Library, Progress
 
 WORKER_THREADS = 8
 #: Seconds the worker is left alone after starting, before the first send.
@@ -66,20 +60,20 @@ def _check(library: str, ran: int, samples: int, queued: int, dead: int) -> None
         )
 
 
-def sample_dq(samples: int, seed: int) -> list[float]:
-    """Measure ``samples`` send-to-start latencies (seconds) with dq."""
-    broker = DqStubBroker()
-    dq.set_broker(broker)
+def sample(library: Library, samples: int, seed: int) -> list[float]:
+    """Measure ``samples`` send-to-start latencies (seconds) with ``library``."""
+    broker = library.stub_broker()
+    library.set_broker(broker)
     latencies: list[float] = []
     started = threading.Event()
 
-    @dq.actor
+    @library.actor
     def probe(t0: float) -> None:
         latencies.append(time.perf_counter() - t0)
         started.set()
 
     pauses = random.Random(seed)
-    worker = dq.Worker(broker, worker_threads=WORKER_THREADS)
+    worker = library.worker(broker, worker_threads=WORKER_THREADS)
     worker.start()
     gc.collect()
     time.sleep(IDLE_S)
@@ -88,51 +82,16 @@ def sample_dq(samples: int, seed: int) -> list[float]:
         t0 = time.perf_counter()
         probe.send(t0)
         if not started.wait(START_TIMEOUT_S):
-            raise _lost("dq", k, samples)
+            raise _lost(library.name, k, samples)
         time.sleep(pauses.uniform(*PAUSE_S))
 
     broker.join("default", timeout=int(START_TIMEOUT_S * 1000))
     worker.stop()
     _check(
-        "dq", len(latencies), samples, broker.queues["default"].qsize(), len(broker.dead_letters)
-    )
-    broker.flush_all()
-    broker.close()
-    return latencies
-
-
-def sample_dramatiq(samples: int, seed: int) -> list[float]:
-    """Measure ``samples`` send-to-start latencies (seconds) with Dramatiq."""
-    broker = DramatiqStubBroker()
-    dramatiq.set_broker(broker)
-    latencies: list[float] = []
-    started = threading.Event()
-
-    @dramatiq.actor
-    def probe(t0: float) -> None:
-        latencies.append(time.perf_counter() - t0)
-        started.set()
-
-    pauses = random.Random(seed)
-    worker = dramatiq.Worker(broker, worker_threads=WORKER_THREADS)
-    worker.start()
-    gc.collect()
-    time.sleep(IDLE_S)
-    for k in range(samples):
-        started.clear()
-        t0 = time.perf_counter()
-        probe.send(t0)
-        if not started.wait(START_TIMEOUT_S):
-            raise _lost("dramatiq", k, samples)
-        time.sleep(pauses.uniform(*PAUSE_S))
-
-    broker.join("default", timeout=int(START_TIMEOUT_S * 1000))
-    worker.stop()
-    _check(
-        "dramatiq",
+        library.name,
         len(latencies),
         samples,
-        broker.queues["default"].unfinished_tasks,
+        library.left_on(broker.queues["default"]),
         len(broker.dead_letters),
     )
     broker.flush_all()
@@ -157,30 +116,21 @@ class Percentiles:
 STATS = ("p50", "p99", "max")
 
 
-def summarize(per_run: Sequence[Percentiles]) -> dict[str, Any]:
+def summarize(per_run: Sequence[Percentiles]) -> Figures:
     """Median, min and max over the runs of each statistic, and the per-run values."""
-    out: dict[str, Any] = {}
-    for stat in STATS:
-        values = [getattr(p, stat) for p in per_run]
-        out[stat] = {
-            "median": statistics.median(values),
-            "min": min(values),
-            "max": max(values),
-            "runs": values,
-        }
-    return out
+    return {stat: harness.spread([getattr(p, stat) for p in per_run], "runs") for stat in STATS}
 
 
-def run(samples: int, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+def run(samples: int, runs: int, progress: Progress) -> Figures:
     """Measure both libraries ``runs`` times, interleaved; return the figures (ms)."""
-    sample_dq(WARMUP, seed=0)
-    sample_dramatiq(WARMUP, seed=0)
+    for library in harness.LIBRARIES:
+        sample(library, WARMUP, seed=0)
 
     dq_runs: list[Percentiles] = []
     dramatiq_runs: list[Percentiles] = []
     for k in range(1, runs + 1):
-        a = Percentiles.of(sample_dq(samples, seed=k))
-        b = Percentiles.of(sample_dramatiq(samples, seed=k))
+        a = Percentiles.of(sample(harness.DQ, samples, seed=k))
+        b = Percentiles.of(sample(harness.DRAMATIQ, samples, seed=k))
         dq_runs.append(a)
         dramatiq_runs.append(b)
         progress(
@@ -190,39 +140,28 @@ def run(samples: int, runs: int, progress: Callable[[str], None]) -> dict[str, A
         )
     gc.collect()
 
-    dq_summary = summarize(dq_runs)
-    dramatiq_summary = summarize(dramatiq_runs)
-    ratios: dict[str, Any] = {}
-    for stat in ("p50", "p99"):
-        run_ratios = [
-            getattr(a, stat) / getattr(b, stat) for a, b in zip(dq_runs, dramatiq_runs, strict=True)
-        ]
-        ratios[stat] = {
-            "ratio_of_medians": dq_summary[stat]["median"] / dramatiq_summary[stat]["median"],
-            "run_ratios": run_ratios,
-            "run_ratio_min": min(run_ratios),
-            "run_ratio_max": max(run_ratios),
-        }
     return {
         "benchmark": "stub_broker_send_to_start_latency",
         "unit": "ms",
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "dq_version": dq.__version__,
-        "dramatiq_version": dramatiq.__version__,
+        **harness.environment(),
         "samples": samples,
         "runs": runs,
         "worker_threads": WORKER_THREADS,
         "dq_worker_timeout_ms": dq.worker.WORKER_TIMEOUT,
         "dramatiq_worker_timeout_ms": dramatiq.worker.WORKER_TIMEOUT,
-        "dq_middleware": [type(m).__name__ for m in DqStubBroker().middleware],
-        "dramatiq_middleware": [type(m).__name__ for m in DramatiqStubBroker().middleware],
-        "dq": dq_summary,
-        "dramatiq": dramatiq_summary,
-        "ratios": ratios,
+        **harness.default_middleware(),
+        "dq": summarize(dq_runs),
+        "dramatiq": summarize(dramatiq_runs),
+        "ratios": {
+            stat: harness.ratios(
+                [getattr(a, stat) for a in dq_runs], [getattr(b, stat) for b in dramatiq_runs]
+            )
+            for stat in ("p50", "p99")
+        },
     }
 
 
-def format_table(figures: dict[str, Any]) -> str:
+def format_table(figures: Figures) -> str:
     """Render the figures of `run` as a plain-text table."""
     lo, hi = (round(s * 1000) for s in PAUSE_S)
     lines = [
@@ -232,11 +171,8 @@ def format_table(figures: dict[str, Any]) -> str:
         f"Worker: {figures['worker_threads']} threads, default worker_timeout "
         f"(dq {figures['dq_worker_timeout_ms']} ms, "
         f"dramatiq {figures['dramatiq_worker_timeout_ms']} ms), default middleware, in process",
-        f"python {figures['python']}   dq {figures['dq_version']}   "
-        f"dramatiq {figures['dramatiq_version']}   samples={figures['samples']:,} per run   "
-        f"runs={figures['runs']}",
-        f"default middleware: dq [{', '.join(figures['dq_middleware'])}]",
-        f"                    dramatiq [{', '.join(figures['dramatiq_middleware'])}]",
+        harness.versions_line(figures, f"samples={figures['samples']:,} per run"),
+        *harness.middleware_lines(figures),
         "",
         "medians over the runs, (min – max), in ms:",
         f"{'library':<10} {'p50':>22}   {'p99':>22}   {'max':>24}",
@@ -253,29 +189,14 @@ def format_table(figures: dict[str, Any]) -> str:
         r = figures["ratios"][stat]
         lines.append(
             f"{stat}: ratio of medians {r['ratio_of_medians']:.3f}   "
-            f"per-run ratios {r['run_ratio_min']:.3f} – {r['run_ratio_max']:.3f}"
+            f"per-run ratios {harness.ratio_span(r)}"
         )
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    value = int(text.replace("_", ""))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--samples",
-        type=positive_int,
-        default=200,
-        help="messages (latencies) per library and run (default 200)",
-    )
-    parser.add_argument("--runs", type=positive_int, default=3, help="interleaved runs (default 3)")
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of the table"
+    parser = harness.make_parser(
+        __doc__, "--samples", 200, "messages (latencies) per library and run", runs_default=3
     )
     args = parser.parse_args(argv)
     samples: int = args.samples
@@ -284,23 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if samples < 2:
         parser.error("--samples must be >= 2 (percentiles need two values)")
     if samples < MIN_REPRESENTATIVE_SAMPLES:
-        print(
-            f"note: {samples} samples is below {MIN_REPRESENTATIVE_SAMPLES}; p99 is not "
-            "representative",
-            file=sys.stderr,
+        harness.note(
+            f"{samples} samples is below {MIN_REPRESENTATIVE_SAMPLES}; p99 is not representative"
         )
-
-    def progress(line: str) -> None:
-        if not args.json:
-            print(line, flush=True)
-
-    figures = run(samples, runs, progress)
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        print()
-        print(format_table(figures))
-    return 0
+    return harness.report(
+        lambda progress: run(samples, runs, progress), format_table, as_json=args.json
+    )
 
 
 if __name__ == "__main__":
