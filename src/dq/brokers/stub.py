@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from dq import message as _message
@@ -141,8 +141,11 @@ class StubBroker(Broker):
         """The current core state (an immutable value: safe to read at any time)."""
         return self._state
 
-    def _apply(self, command: Command) -> Step:
+    def _apply(self, command: Command, then: Callable[[], None] | None = None) -> Step:
         """Apply ``command`` under the lock, store the new state and wake waiters.
+
+        ``then`` runs in the same locked step (to keep this interpreter's own views,
+        such as its dead-letter lists, in step with the state).
 
         Raises:
             QueueNotFound: the command addresses an undeclared queue.
@@ -156,6 +159,8 @@ class StubBroker(Broker):
                     raise QueueNotFound(_queue_of(command)) from None
                 raise
             self._state = step.state
+            if then is not None:
+                then()
             if step.effects and self._waiting[0]:
                 self._signal(step.effects)
         return step
@@ -256,16 +261,23 @@ class StubBroker(Broker):
         Raises:
             QueueNotFound: the queue is not declared.
         """
-        self._apply(Flush(queue_name))
-        self.dead_letters_by_queue.pop(policy.q_name(queue_name), None)
-        self._dead_letters_raised.pop(policy.q_name(queue_name), None)
+        name = policy.q_name(queue_name)
+
+        def forget_dead_letters() -> None:
+            self.dead_letters_by_queue.pop(name, None)
+            self._dead_letters_raised.pop(name, None)
+
+        self._apply(Flush(queue_name), then=forget_dead_letters)
 
     def flush_all(self) -> None:
         """Drop every waiting message and every dead letter."""
-        self._apply(FlushAll())
-        for dead in self.dead_letters_by_queue.values():
-            dead.clear()
-        self._dead_letters_raised.clear()
+
+        def forget_dead_letters() -> None:
+            for dead in self.dead_letters_by_queue.values():
+                dead.clear()
+            self._dead_letters_raised.clear()
+
+        self._apply(FlushAll(), then=forget_dead_letters)
 
     def join(
         self, queue_name: str, *, timeout: int | None = None, fail_fast: bool | None = None
@@ -382,12 +394,18 @@ class _StubConsumer(Consumer):
             proxy._tag = entry.seq
             return proxy
 
-    def _settle(self, command: Command) -> Step:
-        """Apply a settling command and free its prefetch slot, atomically."""
+    def _settle(self, command: Command, dead: MessageProxy | None = None) -> Step:
+        """Apply a settling command and free its prefetch slot, atomically.
+
+        ``dead`` (with a `Nack`) joins the broker's dead letters in the same locked
+        step, so a join that sees the queue drained also sees the dead letter.
+        """
         broker = self.broker
         with broker._lock:
             step = apply(broker._state, command)
             broker._state = step.state
+            if dead is not None:
+                broker.dead_letters_by_queue[policy.q_name(dead.queue_name)].append(dead)
             self._outstanding -= 1
             if self._outstanding == self.prefetch - self._min_batch:
                 # Room for a batch again: wake this queue's consumers (this one).
@@ -411,9 +429,7 @@ class _StubConsumer(Consumer):
         Raises:
             InvalidTransition: it is not reserved.
         """
-        self._settle(Nack(_seq(message), runtime.get_clock().now_ms()))
-        name = policy.q_name(message.queue_name)
-        self.broker.dead_letters_by_queue[name].append(message)
+        self._settle(Nack(_seq(message), runtime.get_clock().now_ms()), dead=message)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Return unprocessed ``messages`` to the tail of their queue."""
