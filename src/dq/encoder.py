@@ -6,6 +6,7 @@ import _json
 import abc
 import json
 import pickle
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from dq.errors import DecodeError
@@ -45,6 +46,25 @@ class Encoder(abc.ABC):
         Raises:
             DecodeError: ``data`` is not valid for this encoder.
         """
+
+
+# The decoder's C scanner (json.loads's own); typeshed does not declare the attribute.
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _scan_object(text: str) -> dict[str, Any] | None:
+    """Parse a JSON object with no surrounding white space using the C scanner directly
+    (what ``json.loads`` does, without its Python-level wrapping); return None for
+    anything else, including malformed input, so the caller takes the general path."""
+    if not text or text[0] != "{" or text[-1] != "}":
+        return None
+    try:
+        value, end = _scan_once(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        return None
+    if end != len(text) or type(value) is not dict:
+        return None
+    return value
 
 
 class JSONEncoder(Encoder):
@@ -142,8 +162,11 @@ class JSONEncoder(Encoder):
             raise DecodeError(
                 f"message is not UTF-8 bytes ({e}); data: {excerpt(data)}", data, e
             ) from e
+        value = _scan_object(text)
+        if value is not None:
+            return value
         try:
-            value = json.loads(text)
+            value = json.loads(text)  # the general path, with json's own error messages
         except json.JSONDecodeError as e:
             raise DecodeError(
                 f"message is not valid JSON ({e}); data: {excerpt(data)}", data, e
