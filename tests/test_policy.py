@@ -125,30 +125,3 @@ def test_delayed_and_promoted_are_inverse_on_the_queue(delay: int, now: int) -> 
     stored = policy.delayed(original, delay_ms=delay, now_ms=now)
     assert stored.queue_name == "q.DQ" and stored.options["eta"] == now + delay
     assert policy.promoted(stored) == original
-
-
-json_objects = st.dictionaries(
-    st.text(max_size=5),
-    st.recursive(
-        st.none()
-        | st.booleans()
-        | st.integers()
-        | st.floats(allow_nan=False)
-        | st.text(max_size=5),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
-        max_leaves=8,
-    ),
-    max_size=5,
-)
-
-
-@given(obj=json_objects, indent=st.none() | st.integers(0, 2), pad=st.sampled_from(["", " ", "\n"]))
-def test_the_fast_json_path_agrees_with_json_loads(
-    obj: dict[str, Any], indent: int | None, pad: str
-) -> None:
-    import json
-
-    from dq.encoder import JSONEncoder
-
-    text = pad + json.dumps(obj, indent=indent) + pad
-    assert JSONEncoder().decode(text.encode()) == json.loads(text)

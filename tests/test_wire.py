@@ -762,3 +762,26 @@ def test_json_encoder_decode_direct() -> None:
     with pytest.raises(dq.DecodeError, match="UTF-8") as info:
         encoder.decode(b"\xff")
     assert isinstance(info.value.error, UnicodeDecodeError)
+
+
+json_objects = st.dictionaries(
+    st.text(max_size=5),
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+        max_leaves=8,
+    ),
+    max_size=5,
+)
+
+
+@given(obj=json_objects, indent=st.none() | st.integers(0, 2), pad=st.sampled_from(["", " ", "\n"]))
+def test_the_fast_json_path_agrees_with_json_loads(
+    obj: dict[str, Any], indent: int | None, pad: str
+) -> None:
+    text = pad + json.dumps(obj, indent=indent) + pad
+    assert JSONEncoder().decode(text.encode()) == json.loads(text)
