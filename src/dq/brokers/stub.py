@@ -41,7 +41,7 @@ from dq.core import (
     policy,
 )
 from dq.core import events as ev
-from dq.core.effects import Deliver, Effect, PushDelayed, PushReady
+from dq.core.effects import DeadLetter, Effect, Forget, Purge, PushDelayed, PushReady
 from dq.core.machine import pending
 from dq.errors import DecodeError, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
@@ -179,8 +179,11 @@ class StubBroker(Broker):
                 signal = self._signals.get(effect.row[1])
                 if signal is not None:
                     signal.notify_all()
-            elif not isinstance(effect, Deliver):
-                self._settled.notify_all()  # forgotten, dead-lettered, purged
+            elif isinstance(effect, Forget | DeadLetter | Purge):
+                # Joins wait for a queue to drain: wake them only when it has.
+                name = effect.queue_name if isinstance(effect, Purge) else effect.entry.queue_name
+                if not self._state.queues[policy.q_name(name)].pending:
+                    self._settled.notify_all()
 
     # -- Broker API --------------------------------------------------------------------
 
