@@ -95,7 +95,8 @@ def main() -> int:
     for i in range(5):
         flaky.send(i)
     count_words.send_with_options(args=("a delayed hello",), delay=300)
-    (add.message(20, 1) | double.message()).run()
+    # The pipeline passes add's result to double, so double's message has no args yet.
+    (add.message(20, 1) | double.message_with_options()).run()
     divide.send(1, 0)
     print(f"enqueued {n + 9} messages on {sorted(broker.get_declared_queues())}")
 

@@ -360,3 +360,40 @@ def test_equal_priorities_from_two_queues_never_compare_messages(
     stub_broker.join("one", timeout=5000)
     stub_broker.join("two", timeout=5000)
     assert sorted(seen) == sorted([f"one-{n}" for n in range(20)] + [f"two-{n}" for n in range(20)])
+
+
+def test_stop_never_waits_on_an_idle_threads_poll_timeout(stub_broker: StubBroker) -> None:
+    # Idle worker threads block in a timed get; a timed SimpleQueue.get was seen to
+    # overrun its timeout and hang stop(). stop() now wakes them explicitly.
+    for _ in range(20):
+        worker = Worker(stub_broker, worker_timeout=100, worker_threads=4)
+        worker.start()
+        time.sleep(0.12)  # every worker thread is blocked waiting for work
+        stopper = threading.Thread(target=worker.stop, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "Worker.stop() hung"
+        assert not any(t.is_alive() for t in worker.workers)
+
+
+def test_stop_after_waiting_for_a_delayed_message_does_not_hang() -> None:
+    # The scenario in which stop() was seen to hang (about one run in eight): idle
+    # threads polling while a delayed message comes due, then a quick stop.
+    for _ in range(12):
+        broker = StubBroker()
+        dq.set_broker(broker)
+
+        @dq.actor(queue_name="maths", max_retries=3)
+        def divide(x: int, y: int) -> float:
+            return x / y
+
+        divide.send(1, 2)
+        divide.send_with_options(args=(3, 4), delay=150)
+        worker = Worker(broker, worker_threads=4, worker_timeout=100)
+        worker.start()
+        broker.join("maths", timeout=10_000)
+        worker.join()
+        stopper = threading.Thread(target=worker.stop, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "Worker.stop() hung"

@@ -222,11 +222,11 @@ class WorkQueue:
         """Take the first item, waiting up to ``timeout`` seconds.
 
         Raises:
-            queue.Empty: nothing arrived in time.
+            queue.Empty: nothing arrived in time, or the caller was woken (`wake`)
+                with nothing to take.
         """
         self._tokens.get(timeout=timeout)
-        with self._lock:
-            return heapq.heappop(self._heap)
+        return self._pop()
 
     def get_nowait(self) -> _WorkItem:
         """Take the first item without waiting.
@@ -235,8 +235,20 @@ class WorkQueue:
             queue.Empty: there is none.
         """
         self._tokens.get_nowait()
+        return self._pop()
+
+    def _pop(self) -> _WorkItem:
         with self._lock:
+            if not self._heap:
+                raise _queue.Empty  # a wake-up with nothing to take
             return heapq.heappop(self._heap)
+
+    def wake(self, n: int) -> None:
+        """Wake up to ``n`` threads blocked in `get` (they get `queue.Empty` if nothing
+        is waiting). Stopping and pausing use it, so no thread depends on its timeout
+        to notice (a timed ``SimpleQueue.get`` was seen to overrun its timeout)."""
+        for _ in range(n):
+            self._tokens.put(None)
 
     def task_done(self) -> None:
         """Mark one item taken earlier as processed."""
@@ -609,6 +621,7 @@ class Worker:
         threads = self._threads()
         for thread in threads:
             thread.pause()
+        self.work_queue.wake(len(self.workers))
         for thread in threads:
             while thread.is_alive() and not thread.paused_event.wait(0.05):
                 pass
@@ -625,6 +638,7 @@ class Worker:
         broker._run_before(broker._hooks.before_worker_shutdown, self)
         for worker in self.workers:
             worker.stop()
+        self.work_queue.wake(len(self.workers))
         deadline = time.monotonic() + timeout / 1000
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
