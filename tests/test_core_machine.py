@@ -463,7 +463,7 @@ def test_core_agrees_with_a_plain_fifo_model(ops: list[tuple[int, str, int]]) ->
             ready[name].append(event.entry.seq)
         elif op == 1:
             step = apply(state, Reserve(name, "c", k))
-            got = [e.seq for e in step.events[0].entries] if step.events else []  # type: ignore[union-attr]
+            got = [e.seq for e in step.events[0].entries] if step.events else []  # type: ignore[union-attr]  # a Reserved event
             expected = [ready[name].popleft() for _ in range(min(k, len(ready[name])))]
             assert got == expected
             held.update(dict.fromkeys(got, name))

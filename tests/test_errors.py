@@ -124,7 +124,7 @@ def test_decode_of_garbage_sets_data_and_error() -> None:
 @pytest.mark.parametrize("module", [dq, dq.errors], ids=["dq", "dq.errors"])
 def test_connection_error_alias_is_deprecated(module: object) -> None:
     with pytest.warns(DeprecationWarning, match="BrokerConnectionError") as record:
-        alias = module.ConnectionError  # type: ignore[attr-defined]
+        alias = module.ConnectionError  # type: ignore[attr-defined]  # module __getattr__
     assert alias is dq.BrokerConnectionError
     assert len(record) == 1
     # The warning points at the caller, not at dq.
@@ -147,5 +147,5 @@ def test_other_errors_do_not_warn() -> None:
 @pytest.mark.parametrize("module", [dq, dq.errors], ids=["dq", "dq.errors"])
 def test_unknown_attribute_raises_attribute_error(module: object) -> None:
     with pytest.raises(AttributeError, match="NoSuchError"):
-        _ = module.NoSuchError  # type: ignore[attr-defined]
+        _ = module.NoSuchError  # type: ignore[attr-defined]  # the point
     assert not hasattr(module, "NoSuchError")

@@ -414,7 +414,7 @@ def test_invalid_vector_raises_decode_error(name: str, payload: bytes) -> None:
 def test_decode_rejects_str_input() -> None:
     text = VALID_BY_NAME["plain_int_args"].decode("ascii")
     with pytest.raises(dq.DecodeError) as info:
-        dq.Message.decode(text)  # type: ignore[arg-type]
+        dq.Message.decode(text)  # type: ignore[arg-type]  # str on purpose
     assert info.value.data is text
     assert info.value.error is not None
 
@@ -749,7 +749,7 @@ def test_pickle_encoder_direct() -> None:
 
 def test_set_encoder_rejects_non_encoders(restore_encoder: None) -> None:
     with pytest.raises(TypeError):
-        dq.set_encoder(json)  # type: ignore[arg-type]
+        dq.set_encoder(json)  # type: ignore[arg-type]  # not an Encoder, on purpose
     assert type(dq.get_encoder()) is JSONEncoder
 
 

@@ -49,7 +49,8 @@ class Encoder(abc.ABC):
 
 
 # The decoder's C scanner (json.loads's own); typeshed does not declare the attribute.
-_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_decoder = json.JSONDecoder()
+_scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]  # see above
 
 
 def _scan_object(text: str) -> dict[str, Any] | None:

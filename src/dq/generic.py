@@ -25,7 +25,7 @@ class generic_actor(type):
         decorator = options.pop("actor", actor)
         instance = clazz()
         options.setdefault("actor_name", name)
-        clazz.__actor__ = decorator(instance.perform, **options)  # type: ignore[attr-defined]
+        clazz.__actor__ = decorator(instance.perform, **options)  # type: ignore[attr-defined]  # set at run time
         return instance
 
     def __getattr__(cls, name: str) -> Any:
