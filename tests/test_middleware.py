@@ -936,3 +936,22 @@ def test_current_message_inside_and_outside_actors(broker: StubBroker) -> None:
     assert CurrentMessage.get_current_message() == proxy.message
     broker.emit_after("skip_message", proxy)
     assert CurrentMessage.get_current_message() is None
+
+
+def test_interrupting_middleware_warn_where_threads_cannot_be_interrupted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dq.threading
+    from dq.middleware import ShutdownNotifications, TimeLimit
+
+    assert dq.threading.interrupt_problem() is None
+    monkeypatch.setattr(dq.threading, "current_platform", "PyPy")
+    assert dq.threading.interrupt_problem() == "cannot interrupt threads on 'PyPy'"
+    broker = StubBroker(middleware=[])
+    with pytest.warns(RuntimeWarning, match="TimeLimit cannot interrupt threads on 'PyPy'"):
+        TimeLimit().after_process_boot(broker)
+    with pytest.warns(RuntimeWarning, match="ShutdownNotifications cannot interrupt threads"):
+        ShutdownNotifications().after_process_boot(broker)
+    monkeypatch.setattr(dq.threading, "current_platform", "CPython")
+    monkeypatch.setattr(dq.threading, "is_gevent_active", lambda: True)
+    assert dq.threading.interrupt_problem() == "does not support gevent yet"

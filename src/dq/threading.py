@@ -77,3 +77,13 @@ def raise_thread_exception(thread_id: int, exception: type[BaseException]) -> No
     elif count > 1:  # pragma: no cover - would mean the interpreter is confused
         logger.critical("%s was scheduled in %d threads; undoing it.", name, count)
         set_async_exc(ctypes.c_ulong(thread_id), None)
+
+
+def interrupt_problem() -> str | None:
+    """Return why this process cannot interrupt threads (TimeLimit and
+    ShutdownNotifications need it), or None when it can."""
+    if current_platform not in supported_platforms:
+        return f"cannot interrupt threads on {current_platform!r}"
+    if is_gevent_active():
+        return "does not support gevent yet"
+    return None

@@ -11,10 +11,8 @@ from dq.logging import get_logger
 from dq.middleware.middleware import Middleware
 from dq.threading import (
     Interrupt,
-    current_platform,
-    is_gevent_active,
+    interrupt_problem,
     raise_thread_exception,
-    supported_platforms,
 )
 
 if TYPE_CHECKING:
@@ -64,18 +62,9 @@ class ShutdownNotifications(Middleware):
 
     def after_process_boot(self, broker: Broker) -> None:
         """Warn when threads cannot be interrupted here."""
-        if current_platform not in supported_platforms:
-            warnings.warn(
-                f"ShutdownNotifications cannot interrupt threads on {current_platform!r}.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        elif is_gevent_active():
-            warnings.warn(
-                "ShutdownNotifications does not support gevent yet.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        problem = interrupt_problem()
+        if problem is not None:
+            warnings.warn(f"ShutdownNotifications {problem}.", RuntimeWarning, stacklevel=2)
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         """Remember the current thread if its message opted in."""

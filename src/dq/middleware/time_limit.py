@@ -16,10 +16,8 @@ from dq.middleware.age_limit import message_or_actor
 from dq.middleware.middleware import Middleware
 from dq.threading import (
     Interrupt,
-    current_platform,
-    is_gevent_active,
+    interrupt_problem,
     raise_thread_exception,
-    supported_platforms,
 )
 
 if TYPE_CHECKING:
@@ -63,17 +61,10 @@ class TimeLimit(Middleware):
 
     def after_process_boot(self, broker: Broker) -> None:
         """Start the watcher thread (once), where threads can be interrupted."""
-        if current_platform not in supported_platforms:
+        problem = interrupt_problem()
+        if problem is not None:
             warnings.warn(
-                f"TimeLimit cannot interrupt threads on {current_platform!r}; "
-                "time limits will not be enforced.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        if is_gevent_active():
-            warnings.warn(
-                "TimeLimit does not support gevent yet; time limits will not be enforced.",
+                f"TimeLimit {problem}; time limits will not be enforced.",
                 RuntimeWarning,
                 stacklevel=2,
             )
