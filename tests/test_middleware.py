@@ -23,9 +23,10 @@ import dq.middleware
 import dq.middleware.threading
 import dq.threading
 from dq import Message, MessageProxy, Retry, runtime
+from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
 from dq.composition import pipeline
-from dq.errors import BrokerConnectionError
+from dq.errors import BrokerConnectionError, QueueNotFound
 from dq.middleware import (
     AgeLimit,
     Callbacks,
@@ -41,6 +42,7 @@ from dq.middleware import (
     TimeLimitExceeded,
 )
 from dq.middleware.retries import DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF
+from dq.worker import settle
 
 NOW = 1_700_000_000_000
 
@@ -124,27 +126,40 @@ def recorder(broker: StubBroker) -> Recorder:
     return recorder
 
 
+_consumers: dict[int, Consumer] = {}  # id(proxy) -> the consumer that delivered it
+
+
 def deliver(broker: StubBroker, queue_name: str = "default") -> MessageProxy:
     """Return the next message of ``queue_name`` as a consumer delivers it."""
-    return next(broker.consume(queue_name, timeout=10))
+    consumer = broker.consume(queue_name, timeout=10)
+    proxy = next(consumer)
+    _consumers[id(proxy)] = consumer
+    return proxy
 
 
 def process(broker: dq.Broker, proxy: MessageProxy) -> tuple[Any, BaseException | None]:
-    """Play the worker's part: before hooks, the actor, after hooks."""
+    """Play the worker's part: before hooks, the actor, after hooks, then settle the
+    message on its consumer (when `deliver` delivered it)."""
+    result: Any = None
+    exception: BaseException | None = None
     try:
         broker.emit_before("process_message", proxy)
     except SkipMessage:
         broker.emit_after("skip_message", proxy)
-        return None, None
-    actor = broker.get_actor(proxy.actor_name)
-    try:
-        result = actor(*proxy.args, **proxy.kwargs)
-    except BaseException as e:
-        proxy.stuff_exception(e)
-        broker.emit_after("process_message", proxy, exception=e)
-        return None, e
-    broker.emit_after("process_message", proxy, result=result)
-    return result, None
+    else:
+        actor = broker.get_actor(proxy.actor_name)
+        try:
+            result = actor(*proxy.args, **proxy.kwargs)
+        except BaseException as e:
+            exception = e
+            proxy.stuff_exception(e)
+            broker.emit_after("process_message", proxy, exception=e)
+        else:
+            broker.emit_after("process_message", proxy, result=result)
+    consumer = _consumers.pop(id(proxy), None)
+    if consumer is not None:
+        settle(broker, consumer, proxy)
+    return result, exception
 
 
 def failing(broker: dq.Broker, exc: BaseException | None = None, **options: Any) -> Any:
@@ -482,30 +497,33 @@ class FlakyBroker(StubBroker):
         self,
         middleware: list[Middleware],
         fail_when: Callable[[Message[Any], int | None], bool] = lambda m, delay: delay is not None,
+        error: type[Exception] = BrokerConnectionError,
     ) -> None:
         super().__init__(middleware)
         self.fail_when = fail_when
+        self.error = error
 
     def enqueue(self, message: M, *, delay: int | None = None) -> M:
         if self.fail_when(message, delay):
-            raise BrokerConnectionError("the broker went away")
+            raise self.error("the broker went away")
         return super().enqueue(message, delay=delay)
 
 
-def test_a_retry_that_cannot_be_stored_redelivers_the_original(
+def test_a_retry_that_cannot_be_stored_returns_the_original_to_its_queue(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     retries = Retries()
-    broker = FlakyBroker([retries])
+    broker = FlakyBroker([retries], error=QueueNotFound)
     failing(broker).send()
     proxy = deliver(broker)
-    exc = ValueError("boom")
-    with caplog.at_level(logging.ERROR, logger="dq.middleware.retries"):
-        retries.after_process_message(broker, proxy, exception=exc)  # does not raise
-    assert proxy.redelivery_requested
+    with caplog.at_level(logging.ERROR, logger="dq.worker"):
+        _, exc = process(broker, proxy)  # the retry cannot be stored: does not raise
+    assert isinstance(exc, ValueError)
+    assert proxy.replacement is not None  # Retries asked for a retry...
     assert not proxy.failed
     assert proxy.message_id in caplog.text
-    assert broker.queues["default.DQ"].qsize() == 0
+    assert broker.queues["default.DQ"].qsize() == 0  # ...which was not stored,
+    assert broker.queues["default"].qsize() == 1  # so the original is back, not acked
 
 
 def test_a_failing_retry_when_fails_the_message_instead_of_losing_it(

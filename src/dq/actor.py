@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
@@ -139,6 +139,29 @@ class Actor(Generic[P, R]):
         if broker is None:
             broker = self.broker  # raises the explanatory RuntimeError
         return broker.enqueue(Message(self.queue_name, self.actor_name, args, kwargs, None))
+
+    def send_many(
+        self, messages: Iterable[Message[R]], *, delay: timedelta | int | None = None
+    ) -> list[Message[R]]:
+        """Enqueue many messages of this actor at once (build them with `message`);
+        server brokers store them in one round trip.
+
+        Returns:
+            The messages as stored, in order.
+
+        Raises:
+            ValueError: a message is not for this actor.
+        """
+        batch = list(messages)
+        for message in batch:
+            if message.actor_name != self.actor_name:
+                raise ValueError(
+                    f"send_many of actor {self.actor_name!r} got a message for "
+                    f"{message.actor_name!r}"
+                )
+        if isinstance(delay, timedelta):
+            delay = int(delay.total_seconds() * 1000)
+        return self.broker.enqueue_many(batch, delay=delay)
 
     def send_with_options(
         self,

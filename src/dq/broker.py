@@ -305,6 +305,14 @@ class Broker(abc.ABC):
             QueueNotFound: its queue is not declared.
         """
 
+    def enqueue_many(self, messages: Iterable[M], *, delay: int | None = None) -> list[M]:
+        """Store many messages (after ``delay`` ms, if given); return them as stored.
+
+        This default enqueues them one by one; server brokers send them in one round
+        trip.
+        """
+        return [self.enqueue(message, delay=delay) for message in messages]
+
     @abc.abstractmethod
     def flush(self, queue_name: str) -> None:
         """Drop every waiting message of ``queue_name``."""
@@ -383,6 +391,8 @@ class MessageProxy:
         self._redeliver = False
         #: The consumer's handle on the stored copy (opaque to everyone else).
         self._tag: object = None
+        #: A message to store in place of this one when it is acked (and its delay).
+        self._replacement: tuple[Message[Any], int | None] | None = None
 
     @property
     def message(self) -> Message[Any]:
@@ -411,6 +421,21 @@ class MessageProxy:
         """Ask the worker to return this message to its queue instead of settling it
         (for example, because its replacement could not be stored)."""
         self._redeliver = True
+
+    def replace_with(self, message: Message[Any], *, delay: int | None = None) -> None:
+        """Ask the worker to store ``message`` (after ``delay`` ms) in place of this one
+        when it settles it as done (a retry).
+
+        The replacement is stored before this message is acked — in the same atomic
+        step when the consumer can (``replace``), else by an enqueue then the ack. If it
+        cannot be stored, this message is not acked: it is returned to its queue.
+        """
+        self._replacement = (message, delay)
+
+    @property
+    def replacement(self) -> tuple[Message[Any], int | None] | None:
+        """The message (and delay) `replace_with` asked for, or None."""
+        return self._replacement
 
     @property
     def redelivery_requested(self) -> bool:

@@ -177,9 +177,39 @@ def settle(broker: Broker, consumer: Consumer, message: MessageProxy) -> None:
     else:
         if hooks.before_ack:
             broker._run_before(hooks.before_ack, message)
-        consumer.ack(message)
+        replacement = message.replacement
+        if replacement is None:
+            consumer.ack(message)
+        elif not _replace(broker, consumer, message, *replacement):
+            return
         if hooks.after_ack:
             broker._run_after(hooks.after_ack, message)
+
+
+@runtime_checkable
+class _Replacing(Protocol):
+    def replace(self, message: MessageProxy, new: Message[Any], delay: int | None) -> Any: ...
+
+
+def _replace(
+    broker: Broker, consumer: Consumer, message: MessageProxy, new: Message[Any], delay: int | None
+) -> bool:
+    """Store ``new`` and ack ``message``; return False if ``new`` could not be stored
+    (then ``message`` was returned to its queue instead)."""
+    if isinstance(consumer, _Replacing):
+        consumer.replace(message, new, delay)  # one atomic step
+        return True
+    try:
+        broker.enqueue(new, delay=delay)
+    except Exception:
+        _logger.exception(
+            "Could not store the replacement of message %s; returning it to its queue.",
+            message.message_id,
+        )
+        consumer.requeue([message])  # if this fails too, the worker retries settling
+        return False
+    consumer.ack(message)
+    return True
 
 
 # -- threads ------------------------------------------------------------------------------

@@ -129,14 +129,10 @@ class Retries(Middleware):
         self.logger.info(
             "Retrying message %r in %d milliseconds.", message.message_id, decision.delay_ms
         )
-        try:
-            broker.enqueue(retry, delay=decision.delay_ms)
-        except Exception:
-            self.logger.exception(
-                "Could not enqueue the retry of message %r; it will be redelivered.",
-                message.message_id,
-            )
-            message.redeliver()
+        # Stored when the worker settles the message: with its ack in one atomic step
+        # on brokers that can, else before the ack (and if it cannot be stored, the
+        # original is returned to its queue instead of being acked).
+        message.replace_with(retry, delay=decision.delay_ms)
 
     def _decide(
         self,

@@ -1,0 +1,1135 @@
+"""`RedisBroker`: Dramatiq's Redis wire format, with atomic transitions and bounded recovery.
+
+The broker keeps Dramatiq 2.2.1's keys, types and payloads (``../spec/wire.md`` §3), so
+dq and Dramatiq processes can share one Redis:
+
+==========================  =====  ==============================================
+key                         type   contents
+==========================  =====  ==============================================
+``ns:Q``                    LIST   redis_message_ids, FIFO (RPUSH / LPOP)
+``ns:Q.msgs``               HASH   redis_message_id -> encoded message
+``ns:__acks__.W.Q``         SET    ids worker ``W`` fetched from ``Q``, unsettled
+``ns:__heartbeats__``       ZSET   worker id -> ms time of its last heartbeat
+``ns:C.XQ``                 ZSET   dead-lettered ids -> ms time of the nack
+``ns:C.XQ.msgs``            HASH   dead-lettered id -> the message as stored
+==========================  =====  ==============================================
+
+Each state transition of `dq.core` is one Lua script (``lua/*.lua``), so each is
+atomic: enqueue (one or many), fetch (`Reserve`), ack and nack (batched), requeue
+(`Requeue`, `Release`), replace (`Promote`, and a retry stored while its original is
+acked), purge (`Flush`), recover (`Release` for a dead worker), forget (drop a dead
+worker's heartbeat), expire (dead letters past their TTL). The core decides what each
+transition does; `dq.testing.BrokerConformance` checks these scripts against it.
+
+Where Dramatiq is unsafe, dq fixes it inside the same keys:
+
+* **Promotion and retries are one step.** A due delayed message is stored on its queue
+  and forgotten on the delay queue by one script, and a retry is stored while its
+  original is acked by one script. If the caller no longer holds the original
+  (another worker recovered it), nothing is stored, so nothing is duplicated.
+* **Recovery is bounded and deterministic.** Every broker that consumes runs a
+  thread that refreshes its heartbeat every ``min(heartbeat_timeout / 4, 5 s)`` and,
+  every ``requeue_interval`` ms, recovers the messages held by workers whose
+  heartbeat is older than ``heartbeat_timeout``: they are back in their queue at most
+  ``requeue_deadline = heartbeat_timeout + requeue_interval`` ms after the dead
+  worker's last heartbeat. Dramatiq's probabilistic maintenance remains an extra
+  trigger (``maintenance_chance`` per million fetches).
+* **Poison messages are dead-lettered.** A message recovered from dead workers
+  ``max_deliveries`` times (delivered that often and never acked or nacked: its task
+  kills the process) is dead-lettered with a log line instead of looping forever.
+* **Idle consumers wake at once.** Enqueue scripts publish on the channel
+  ``ns:__dq__.notify.Q`` (pub/sub: no key is written); a consumer with nothing to do
+  waits for that notification instead of polling with backoff. It still polls every
+  ``timeout`` ms, for messages enqueued by Dramatiq producers (which do not publish).
+* **Undecodable payloads are dead-lettered** with a logged error, not looped on.
+* **Batches.** Fetches take up to the consumer's free prefetch in one call, acks from
+  many worker threads are sent together, and `RedisBroker.enqueue_many` stores many
+  messages in one round trip.
+
+dq's only extra key is the hash ``ns:__dq__.deliveries.Q`` (recovery counts), which
+exists only while a recovered message is unsettled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import random
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
+
+import attrs
+import redis
+
+from dq import message as _message
+from dq import runtime
+from dq.broker import Broker, Consumer, MessageProxy
+from dq.common import getenv_int
+from dq.core import DeclareQueue, apply, initial_state, policy
+from dq.core import events as ev
+from dq.errors import ConnectionClosed, DecodeError, QueueJoinTimeout, QueueNotFound
+from dq.message import Message
+from dq.middleware import Middleware
+from dq.wire import decode_message, encode_message
+
+__all__ = [
+    "DEFAULT_DEAD_MESSAGE_TTL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_LUA_MAX_STACK",
+    "DEFAULT_MAINTENANCE_CHANCE",
+    "DEFAULT_MAX_DELIVERIES",
+    "MAINTENANCE_COMMAND_BLACKLIST",
+    "MAINTENANCE_SCALE",
+    "RecoveryReport",
+    "RedisBroker",
+]
+
+M = TypeVar("M", bound=Message[Any])
+
+#: Maintenance chances are counted per this many fetches.
+MAINTENANCE_SCALE: Final = 1_000_000
+#: Commands that never trigger maintenance (as in Dramatiq).
+MAINTENANCE_COMMAND_BLACKLIST: Final = frozenset({"ack", "nack"})
+DEFAULT_MAINTENANCE_CHANCE: Final = 1000
+#: How long a dead letter is kept (ms): 7 days.
+DEFAULT_DEAD_MESSAGE_TTL: Final = 604_800_000
+#: How stale a heartbeat must be for its worker to count as dead (ms).
+DEFAULT_HEARTBEAT_TIMEOUT: Final = 60_000
+#: Lua's unpack limit from ``dramatiq_lua_max_stack``; None: probe the server once.
+DEFAULT_LUA_MAX_STACK: Final = getenv_int("dramatiq_lua_max_stack")
+#: Deliveries without a settle after which a message is dead-lettered.
+DEFAULT_MAX_DELIVERIES: Final = 10
+
+_ENQUEUE_CHUNK = 500  # messages per enqueue script call
+_SCRIPT_NAMES = (
+    "enqueue",
+    "fetch",
+    "ack",
+    "nack",
+    "requeue",
+    "replace",
+    "purge",
+    "recover",
+    "forget",
+    "expire",
+    "maxstack",
+)
+_NOTIFY = "__dq__.notify."
+_DELIVERIES = "__dq__.deliveries."
+_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class RedisConnectionClosed(ConnectionClosed, redis.exceptions.ConnectionError):
+    """The Redis connection failed (both a dq `ConnectionClosed` and a redis-py
+    ``ConnectionError``, so code written for either catches it)."""
+
+
+def _load_script(name: str) -> str:
+    return (importlib.resources.files(__package__) / "lua" / f"{name}.lua").read_text()
+
+
+def _whole(value: object, minimum: int) -> bool:
+    """Whether ``value`` is an int (not a bool) >= ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
+    if not _whole(value, 0 if allow_zero else 1):
+        expected = "an integer >= 0" if allow_zero else "a positive integer"
+        raise ValueError(f"{name} must be {expected} (ms), got {value!r}")
+    assert isinstance(value, int)
+    return value
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What one recovery tick did.
+
+    Attributes:
+        dead_workers: ids of the workers found dead.
+        requeued: messages returned to their queues.
+        dead_lettered: redis_message_ids dead-lettered for too many deliveries.
+        forgotten: dead workers whose heartbeat entry was removed.
+        expired: dead letters removed for being older than ``dead_message_ttl``.
+    """
+
+    dead_workers: tuple[str, ...] = ()
+    requeued: int = 0
+    dead_lettered: tuple[str, ...] = ()
+    forgotten: int = 0
+    expired: int = 0
+
+
+class _Keys:
+    """Key names of one namespace (Dramatiq's layout)."""
+
+    __slots__ = ("heartbeats", "ns")
+
+    def __init__(self, namespace: str) -> None:
+        self.ns = namespace
+        self.heartbeats = f"{namespace}:__heartbeats__"
+
+    def queue(self, queue_name: str) -> str:
+        return f"{self.ns}:{queue_name}"
+
+    def msgs(self, queue_name: str) -> str:
+        return f"{self.ns}:{queue_name}.msgs"
+
+    def acks(self, worker: str, queue_name: str) -> str:
+        return f"{self.ns}:__acks__.{worker}.{queue_name}"
+
+    def dead(self, queue_name: str) -> str:
+        return f"{self.ns}:{policy.xq_name(queue_name)}"
+
+    def dead_msgs(self, queue_name: str) -> str:
+        return f"{self.ns}:{policy.xq_name(queue_name)}.msgs"
+
+    def deliveries(self, queue_name: str) -> str:
+        return f"{self.ns}:{_DELIVERIES}{queue_name}"
+
+    def channel(self, queue_name: str) -> str:
+        return f"{self.ns}:{_NOTIFY}{queue_name}"
+
+
+def _bytes(value: Any) -> bytes:
+    """A reply from a client that may decode responses, as bytes."""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Waker:
+    """Per-queue wake-up generations: consumers wait until theirs moves on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation: dict[str, int] = {}
+
+    def generation(self, queue_name: str) -> int:
+        return self._generation.get(queue_name, 0)
+
+    def notify(self, queue_name: str) -> None:
+        with self._cond:
+            self._generation[queue_name] = self._generation.get(queue_name, 0) + 1
+            self._cond.notify_all()
+
+    def notify_all(self) -> None:
+        with self._cond:
+            for name in self._generation:
+                self._generation[name] += 1
+            self._cond.notify_all()
+
+    def wait(self, queue_name: str, generation: int, timeout: float) -> None:
+        """Wait up to ``timeout`` s unless ``queue_name`` moved past ``generation``."""
+        with self._cond:
+            if self._generation.get(queue_name, 0) == generation:
+                self._cond.wait(timeout)
+
+
+class _Listener(threading.Thread):
+    """Turns enqueue notifications (pub/sub) into wake-ups, reconnecting as needed."""
+
+    def __init__(self, broker: RedisBroker) -> None:
+        super().__init__(name=f"dq-redis-listener-{broker.broker_id[:8]}", daemon=True)
+        self.broker = broker
+        self.stopped = threading.Event()
+        self.ready = threading.Event()
+        self._prefix = len(broker._keys.channel(""))
+
+    def run(self) -> None:
+        broker = self.broker
+        pattern = _glob_escape(broker._keys.channel("")) + "*"
+        while not self.stopped.is_set():
+            pubsub = broker.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            try:
+                pubsub.psubscribe(pattern)
+                pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+                self.ready.set()
+                # Anything published while we were (re)connecting was missed: poll now.
+                broker._waker.notify_all()
+                while not self.stopped.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None and message["type"] == "pmessage":
+                        broker._waker.notify(_text(message["channel"])[self._prefix :])
+            except _ERRORS:
+                if not self.stopped.is_set():
+                    broker.logger.warning(
+                        "Lost the notification connection; reconnecting.", exc_info=True
+                    )
+                    self.stopped.wait(0.5)
+            except Exception:
+                broker.logger.exception("Notification listener failed; restarting it.")
+                self.stopped.wait(0.5)
+            finally:
+                with contextlib.suppress(Exception):  # closing a broken connection
+                    pubsub.close()
+
+
+class _Keeper(threading.Thread):
+    """Refreshes this process's heartbeat and runs recovery on a timer."""
+
+    def __init__(self, broker: RedisBroker) -> None:
+        super().__init__(name=f"dq-redis-keeper-{broker.broker_id[:8]}", daemon=True)
+        self.broker = broker
+        self.stopped = threading.Event()
+        self.wake = threading.Event()  # run recovery now (maintenance won the draw)
+
+    def run(self) -> None:
+        broker = self.broker
+        beat_every = broker.heartbeat_interval / 1000
+        recover_every = broker.requeue_interval / 1000
+        next_recovery = time.monotonic() + recover_every
+        while not self.stopped.is_set():
+            try:
+                broker.heartbeat()
+                if self.wake.is_set() or time.monotonic() >= next_recovery:
+                    self.wake.clear()
+                    next_recovery = time.monotonic() + recover_every
+                    broker.recover()
+            except _ERRORS:
+                broker.logger.warning("Heartbeat or recovery failed: Redis is unreachable.")
+            except Exception:
+                broker.logger.exception("Heartbeat or recovery failed.")
+            timeout = min(beat_every, max(0.0, next_recovery - time.monotonic()))
+            self.wake.wait(timeout) if timeout > 0 else None
+            if self.stopped.is_set():
+                return
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+class RedisBroker(Broker):
+    """A broker on Redis, wire-compatible with Dramatiq 2.2.1.
+
+    Args:
+        url: a Redis URL; it wins over ``parameters``.
+        middleware: as for `Broker`.
+        namespace: the key prefix (Dramatiq's default, so mixed fleets share keys).
+        maintenance_chance: per million fetches, the chance that a fetch also
+            triggers recovery at once (Dramatiq's lottery; the timer does the rest).
+        heartbeat_timeout: ms after its last heartbeat at which a worker counts as
+            dead. Use one no shorter than the rest of the fleet's.
+        dead_message_ttl: ms a dead letter is kept.
+        requeue_deadline: ms after a dead worker's last heartbeat by which its unacked
+            messages are back in their queue; it must be larger than
+            ``heartbeat_timeout`` (default: ``heartbeat_timeout + requeue_interval``).
+        requeue_interval: ms between two recovery runs of a live broker (default:
+            ``requeue_deadline - heartbeat_timeout`` when a deadline is given, else a
+            tenth of ``heartbeat_timeout``, at least 100 ms).
+        client: a ``redis.Redis`` to use as it is (exposed as `client`).
+        max_deliveries: how many times a message of a canonical queue may be
+            delivered without ever being acked or nacked (each time, the worker
+            holding it died) before recovery dead-letters it; 0 disables the limit.
+        parameters: keyword arguments of ``redis.Redis`` when neither ``url`` nor
+            ``client`` is given.
+
+    Raises:
+        ValueError: a timing argument is not a positive integer, or the requeue
+            deadline and interval contradict each other.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        middleware: list[Middleware] | None = None,
+        namespace: str = "dramatiq",
+        maintenance_chance: int = DEFAULT_MAINTENANCE_CHANCE,
+        heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT,
+        dead_message_ttl: int = DEFAULT_DEAD_MESSAGE_TTL,
+        requeue_deadline: int | None = None,
+        requeue_interval: int | None = None,
+        client: redis.Redis | None = None,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        **parameters: Any,
+    ) -> None:
+        super().__init__(middleware)
+        if not namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+        self.heartbeat_timeout = _positive_int("heartbeat_timeout", heartbeat_timeout)
+        self.dead_message_ttl = _positive_int("dead_message_ttl", dead_message_ttl)
+        self.maintenance_chance = _positive_int(
+            "maintenance_chance", maintenance_chance, allow_zero=True
+        )
+        self.max_deliveries = _positive_int("max_deliveries", max_deliveries, allow_zero=True)
+        self.requeue_interval, self.requeue_deadline = _recovery_timing(
+            heartbeat_timeout, requeue_deadline, requeue_interval
+        )
+        #: How often the heartbeat is refreshed (ms).
+        self.heartbeat_interval = max(50, min(self.heartbeat_timeout // 4, 5000))
+        if client is not None:
+            self.client: redis.Redis = client
+        elif url is not None:
+            if parameters:
+                warnings.warn(
+                    f"RedisBroker: url is given, so {sorted(parameters)} are ignored",
+                    stacklevel=2,
+                )
+            self.client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url))
+        else:
+            self.client = redis.Redis(**parameters)
+        self.namespace = namespace
+        self.broker_id = runtime.get_id_source().new_id()
+        self._keys = _Keys(namespace)
+        self.scripts: dict[str, Any] = {
+            name: self.client.register_script(_load_script(name)) for name in _SCRIPT_NAMES
+        }
+        # Declarations live in this process only (nothing is written to Redis): a core
+        # state with no messages, whose events drive the declare hooks.
+        self._declared = initial_state()
+        self._declare_lock = threading.Lock()
+        self._waker = _Waker()
+        self._threads_lock = threading.Lock()
+        self._listener: _Listener | None = None
+        self._keeper: _Keeper | None = None
+        self._max_unpack: int | None = None
+        self._closed = False
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @property
+    def consumer_class(self) -> type[Consumer]:
+        """The class of this broker's consumers."""
+        return _RedisConsumer
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return self.scripts[name](keys=keys, args=args)
+        except _ERRORS as e:
+            raise RedisConnectionClosed(e) from e
+
+    @property
+    def max_unpack(self) -> int:
+        """Half of Lua's unpack limit (env ``dramatiq_lua_max_stack``, else probed):
+        the largest batch one script call handles."""
+        if self._max_unpack is None:
+            stack = DEFAULT_LUA_MAX_STACK
+            if stack is None:
+                stack = int(self._run("maxstack", (), ()))
+            self._max_unpack = max(1, stack // 2)
+        return self._max_unpack
+
+    def _start_threads(self) -> None:
+        """Start the heartbeat/recovery thread and the notification listener."""
+        with self._threads_lock:
+            if self._closed:
+                raise RuntimeError("this RedisBroker is closed")
+            if self._keeper is None:
+                self.heartbeat()  # before the first fetch
+                self._keeper = _Keeper(self)
+                self._keeper.start()
+            if self._listener is None:
+                self._listener = _Listener(self)
+                self._listener.start()
+                self._listener.ready.wait(2.0)
+
+    def close(self) -> None:
+        """Stop this broker's threads and drop its heartbeat (consumers are closed by
+        their owners first; a worker's `stop` does that)."""
+        with self._threads_lock:
+            self._closed = True
+            threads: list[_Keeper | _Listener] = [
+                t for t in (self._keeper, self._listener) if t is not None
+            ]
+            for thread in threads:
+                thread.stopped.set()
+                if isinstance(thread, _Keeper):
+                    thread.wake.set()
+            for thread in threads:
+                thread.join(5)
+            self._keeper = self._listener = None
+        self._waker.notify_all()
+        self._forget_self()
+
+    def _forget_self(self) -> None:
+        """Drop this broker's heartbeat if it holds no message any more (otherwise
+        the heartbeat expires and recovery returns what it holds)."""
+        try:
+            prefix = self._keys.acks(self.broker_id, "")
+            if next(iter(self.client.scan_iter(match=_glob_escape(prefix) + "*")), None) is None:
+                self.client.zrem(self._keys.heartbeats, self.broker_id)
+        except _ERRORS:
+            self.logger.warning("Could not remove this broker's heartbeat: Redis is unreachable.")
+
+    def heartbeat(self) -> None:
+        """Record that this process is alive (the keeper thread does it on a timer)."""
+        try:
+            self.client.zadd(self._keys.heartbeats, {self.broker_id: _now()})
+        except _ERRORS as e:
+            raise RedisConnectionClosed(e) from e
+
+    # -- declarations --------------------------------------------------------------------
+
+    def declare_queue(self, queue_name: str) -> None:
+        """Declare ``queue_name`` and its delay queue in this process.
+
+        Nothing is written to Redis; the declare hooks run (a running Worker starts
+        consumers for both). Declaring twice is a no-op.
+
+        Raises:
+            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
+        """
+        with self._declare_lock:
+            if policy.q_name(queue_name) in self._declared.queues:
+                return
+            if queue_name.endswith(policy.DEAD_SUFFIX):
+                raise QueueNotFound(queue_name)
+            self._run_before(self._hooks.before_declare_queue, queue_name)
+            step = apply(self._declared, DeclareQueue(queue_name))
+            self._declared = step.state
+            for event in step.events:
+                if isinstance(event, ev.QueueDeclared):
+                    self.queues[event.queue_name] = event.queue_name
+                    self._run_after(self._hooks.after_declare_queue, event.queue_name)
+                elif isinstance(event, ev.DelayQueueDeclared):
+                    self.delay_queues.add(event.queue_name)
+                    self._run_after(self._hooks.after_declare_delay_queue, event.queue_name)
+
+    # -- enqueueing ------------------------------------------------------------------------
+
+    def _prepare(self, message: M, delay: int | None, now_ms: int) -> tuple[M, bytes]:
+        """The copy to store (fresh redis_message_id; on ``q.DQ`` with an eta when
+        delayed) and its bytes, after the ``before_enqueue`` hooks."""
+        if delay is not None:
+            if not _whole(delay, 0):
+                raise ValueError(f"delay must be a whole number of ms >= 0, got {delay!r}")
+            message = policy.delayed(message, delay_ms=delay, now_ms=now_ms)
+        message = message.copy(options={"redis_message_id": runtime.get_id_source().new_id()})
+        if self._hooks.before_enqueue:
+            self._run_before(self._hooks.before_enqueue, message, delay)
+        return message, encode_message(message, _message.global_encoder)
+
+    def enqueue(self, message: M, *, delay: int | None = None) -> M:
+        """Store ``message`` under a new ``redis_message_id``; with ``delay`` (ms), a
+        copy on ``q.DQ`` with an ``eta``.
+
+        The queue need not be declared in this process (as in Dramatiq: a producer
+        may send to actors defined elsewhere).
+
+        Returns:
+            The message as stored.
+
+        Raises:
+            ValueError: ``delay`` is not a whole number of ms >= 0.
+            TypeError: it is not serialisable by the global encoder.
+            ConnectionClosed: Redis could not be reached (nothing was stored).
+        """
+        stored, payload = self._prepare(message, delay, _now())
+        name = stored.queue_name
+        keys = self._keys
+        self._run(
+            "enqueue",
+            (keys.queue(name), keys.msgs(name)),
+            (keys.channel(name), stored.options["redis_message_id"], payload),
+        )
+        if self._hooks.after_enqueue:
+            self._run_after(self._hooks.after_enqueue, stored, delay)
+        return stored
+
+    def enqueue_many(self, messages: Iterable[M], *, delay: int | None = None) -> list[M]:
+        """Store many messages in one round trip (one atomic script per queue and
+        chunk of 500, all sent in one pipeline).
+
+        Returns:
+            The messages as stored, in the order given.
+
+        Raises:
+            ValueError, TypeError: as `enqueue`; nothing is stored.
+            ConnectionClosed: Redis could not be reached. Chunks already stored stay
+                stored (each chunk is atomic).
+        """
+        now = _now()
+        prepared = [self._prepare(message, delay, now) for message in messages]
+        by_queue: dict[str, list[tuple[M, bytes]]] = {}
+        for item in prepared:
+            by_queue.setdefault(item[0].queue_name, []).append(item)
+        keys = self._keys
+        script = self.scripts["enqueue"]
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for name, items in by_queue.items():
+                    for start in range(0, len(items), _ENQUEUE_CHUNK):
+                        args: list[Any] = [keys.channel(name)]
+                        for stored, payload in items[start : start + _ENQUEUE_CHUNK]:
+                            args.append(stored.options["redis_message_id"])
+                            args.append(payload)
+                        script(keys=(keys.queue(name), keys.msgs(name)), args=args, client=pipe)
+                pipe.execute()
+        except _ERRORS as e:
+            raise RedisConnectionClosed(e) from e
+        result = [stored for stored, _ in prepared]
+        if self._hooks.after_enqueue:
+            for stored in result:
+                self._run_after(self._hooks.after_enqueue, stored, delay)
+        return result
+
+    # -- consuming -----------------------------------------------------------------------
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        """Return a consumer of ``queue_name`` (a queue or its ``.DQ``).
+
+        Starts this broker's heartbeat/recovery thread and its notification listener
+        on first use.
+
+        Args:
+            queue_name: the queue.
+            prefetch: how many unsettled messages the consumer may hold.
+            timeout: ms ``next()`` waits before raising ``StopIteration``.
+
+        Raises:
+            QueueNotFound: ``queue_name`` names a dead-letter queue.
+            ValueError: ``prefetch`` < 1 or ``timeout`` < 0.
+        """
+        if queue_name.endswith(policy.DEAD_SUFFIX):
+            raise QueueNotFound(queue_name)
+        if not _whole(prefetch, 1):
+            raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
+        if not _whole(timeout, 0):
+            raise ValueError(f"timeout must be an integer >= 0 (ms), got {timeout!r}")
+        self._start_threads()
+        return _RedisConsumer(self, queue_name, prefetch, timeout)
+
+    # -- maintenance --------------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Run one recovery tick now (the keeper thread does it every
+        ``requeue_interval`` ms).
+
+        Finds the workers whose heartbeat is older than ``heartbeat_timeout``,
+        returns what each held to the tail of its queue (dead-lettering messages
+        delivered ``max_deliveries`` times), drops their heartbeats, and expires dead
+        letters older than ``dead_message_ttl`` on the queues declared here.
+
+        Raises:
+            ConnectionClosed: Redis could not be reached.
+        """
+        keys = self._keys
+        now = _now()
+        cutoff = now - self.heartbeat_timeout
+        try:
+            dead = [
+                _text(worker)
+                for worker in self.client.zrangebyscore(keys.heartbeats, "-inf", cutoff)
+            ]
+        except _ERRORS as e:
+            raise RedisConnectionClosed(e) from e
+        dead = [worker for worker in dead if worker != self.broker_id]
+        requeued, dead_lettered, forgotten = 0, [], 0
+        for worker in dead:
+            prefix = keys.acks(worker, "")
+            try:
+                found = [
+                    _text(key)
+                    for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)
+                ]
+            except _ERRORS as e:
+                raise RedisConnectionClosed(e) from e
+            alive = False
+            for key in found:
+                queue_name = key[len(prefix) :]
+                canonical = not policy.is_delay_queue(queue_name)
+                reply = self._run(
+                    "recover",
+                    (
+                        keys.heartbeats,
+                        key,
+                        keys.queue(queue_name),
+                        keys.msgs(queue_name),
+                        keys.deliveries(queue_name),
+                        keys.dead(queue_name),
+                        keys.dead_msgs(queue_name),
+                    ),
+                    (
+                        worker,
+                        cutoff,
+                        self.max_deliveries if canonical else 0,
+                        now,
+                        keys.channel(queue_name),
+                    ),
+                )
+                if int(reply[0]) < 0:
+                    alive = True
+                    break
+                requeued += int(reply[0])
+                for rid in reply[1:]:
+                    dead_lettered.append(_text(rid))
+                    self.logger.error(
+                        "Dead-lettered message %s on %r: it was delivered %d times and its "
+                        "worker died each time before settling it.",
+                        _text(rid),
+                        queue_name,
+                        self.max_deliveries,
+                    )
+            if not alive and self._run("forget", (keys.heartbeats,), (worker, cutoff)):
+                forgotten += 1
+        if requeued:
+            self.logger.warning(
+                "Recovered %d messages held by dead workers %s.", requeued, ", ".join(dead)
+            )
+        expired = self.expire_dead_letters(now)
+        return RecoveryReport(tuple(dead), requeued, tuple(dead_lettered), forgotten, expired)
+
+    def expire_dead_letters(self, now_ms: int | None = None) -> int:
+        """Remove dead letters older than ``dead_message_ttl`` from the queues
+        declared here; return how many were removed."""
+        cutoff = (_now() if now_ms is None else now_ms) - self.dead_message_ttl
+        batch = min(1000, self.max_unpack)
+        removed = 0
+        for name in sorted(self.queues):
+            while True:
+                count = int(
+                    self._run(
+                        "expire",
+                        (self._keys.dead(name), self._keys.dead_msgs(name)),
+                        (cutoff, batch),
+                    )
+                )
+                removed += count
+                if count < batch:
+                    break
+        return removed
+
+    def _maybe_maintain(self) -> None:
+        chance = self.maintenance_chance
+        if chance and random.randint(1, MAINTENANCE_SCALE) <= chance:
+            keeper = self._keeper
+            if keeper is not None:
+                keeper.wake.set()
+
+    # -- flushing and joining ----------------------------------------------------------------
+
+    def _purge(self, queue_name: str) -> int:
+        keys = self._keys
+        return int(
+            self._run(
+                "purge",
+                (
+                    keys.queue(queue_name),
+                    keys.msgs(queue_name),
+                    keys.dead(queue_name),
+                    keys.dead_msgs(queue_name),
+                ),
+                (),
+            )
+        )
+
+    def flush(self, queue_name: str) -> None:
+        """Drop the waiting messages of ``queue_name`` and its ``.DQ``, and its dead
+        letters. Messages reserved by consumers stay with them."""
+        name = policy.q_name(queue_name)
+        self._purge(name)
+        self._purge(policy.dq_name(name))
+
+    def flush_all(self) -> None:
+        """Flush every queue declared in this process."""
+        for name in sorted(self.queues):
+            self.flush(name)
+
+    def join(self, queue_name: str, *, interval: int = 100, timeout: int | None = None) -> None:
+        """Block until ``queue_name`` and its ``.DQ`` hold no stored message (waiting
+        or in flight, in any process). A test helper.
+
+        Args:
+            queue_name: the queue.
+            interval: ms between two polls.
+            timeout: ms to wait at most; None waits forever.
+
+        Raises:
+            QueueJoinTimeout: ``timeout`` passed first.
+        """
+        name = policy.q_name(queue_name)
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        while True:
+            if self.qsize(name) == 0:
+                return
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueJoinTimeout(queue_name)
+                time.sleep(min(interval / 1000, remaining))
+            else:
+                time.sleep(interval / 1000)
+
+    def qsize(self, queue_name: str) -> int:
+        """Return how many messages of ``queue_name`` and its ``.DQ`` are stored
+        (waiting or in flight)."""
+        name = policy.q_name(queue_name)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hlen(self._keys.msgs(name))
+                pipe.hlen(self._keys.msgs(policy.dq_name(name)))
+                replies = pipe.execute()
+        except _ERRORS as e:
+            raise RedisConnectionClosed(e) from e
+        return sum(int(reply) for reply in replies)
+
+    # -- Dramatiq's semi-public dispatch ------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """``do_<command>``: run one atomic command (Dramatiq's semi-public API:
+        ``do_enqueue(queue, id, data)``, ``do_fetch(queue, n)``, ``do_ack(queue, id)``,
+        ``do_nack(queue, id)``, ``do_requeue(queue, *ids)``, ``do_purge(queue)``,
+        ``do_qsize(queue)``)."""
+        command = _DISPATCH.get(name)
+        if command is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return lambda *args: command(self, *args)
+
+    def _do_enqueue(self, queue_name: str, rid: str, data: bytes) -> None:
+        keys = self._keys
+        self._run(
+            "enqueue",
+            (keys.queue(queue_name), keys.msgs(queue_name)),
+            (keys.channel(queue_name), rid, data),
+        )
+
+    def _do_fetch(self, queue_name: str, n: int) -> list[bytes]:
+        keys = self._keys
+        reply = self._run(
+            "fetch",
+            (
+                keys.queue(queue_name),
+                keys.msgs(queue_name),
+                keys.acks(self.broker_id, queue_name),
+                keys.heartbeats,
+            ),
+            (min(n, self.max_unpack), _now(), self.broker_id),
+        )
+        return [_bytes(payload) for payload in reply[1::2]]
+
+    def _do_settle(self, command: str, queue_name: str, *ids: str) -> None:
+        _settle(self, command, queue_name, list(ids))
+
+    def _do_qsize(self, queue_name: str) -> int:
+        return self.qsize(queue_name)
+
+
+def _recovery_timing(
+    heartbeat_timeout: int, deadline: int | None, interval: int | None
+) -> tuple[int, int]:
+    """Return (requeue_interval, requeue_deadline) from what was given."""
+    if interval is not None:
+        _positive_int("requeue_interval", interval)
+    if deadline is not None:
+        _positive_int("requeue_deadline", deadline)
+        if deadline <= heartbeat_timeout:
+            raise ValueError(
+                f"requeue_deadline ({deadline} ms) must be larger than heartbeat_timeout "
+                f"({heartbeat_timeout} ms): a worker counts as dead only after that long"
+            )
+        if interval is None:
+            interval = deadline - heartbeat_timeout
+        elif heartbeat_timeout + interval > deadline:
+            raise ValueError(
+                f"requeue_deadline ({deadline} ms) cannot be met with heartbeat_timeout "
+                f"({heartbeat_timeout} ms) and requeue_interval ({interval} ms): it must be "
+                "at least their sum"
+            )
+        return interval, deadline
+    if interval is None:
+        interval = max(100, heartbeat_timeout // 10)
+    return interval, heartbeat_timeout + interval
+
+
+def _now() -> int:
+    return runtime.get_clock().now_ms()
+
+
+def _settle(broker: RedisBroker, command: str, queue_name: str, rids: list[str]) -> int:
+    """Run ``ack``, ``nack`` or ``requeue`` for ids this broker holds on a queue."""
+    keys = broker._keys
+    acks = keys.acks(broker.broker_id, queue_name)
+    if command == "ack":
+        reply = broker._run("ack", (acks, keys.msgs(queue_name), keys.deliveries(queue_name)), rids)
+    elif command == "nack":
+        reply = broker._run(
+            "nack",
+            (
+                acks,
+                keys.msgs(queue_name),
+                keys.dead(queue_name),
+                keys.dead_msgs(queue_name),
+                keys.deliveries(queue_name),
+            ),
+            [_now(), *rids],
+        )
+    else:
+        reply = broker._run(
+            "requeue",
+            (acks, keys.msgs(queue_name), keys.queue(queue_name)),
+            [keys.channel(queue_name), *rids],
+        )
+    return int(reply)
+
+
+_DISPATCH: dict[str, Callable[..., Any]] = {
+    "do_enqueue": RedisBroker._do_enqueue,
+    "do_fetch": RedisBroker._do_fetch,
+    "do_ack": lambda b, q, rid: b._do_settle("ack", q, rid),
+    "do_nack": lambda b, q, rid: b._do_settle("nack", q, rid),
+    "do_requeue": lambda b, q, *rids: b._do_settle("requeue", q, *rids),
+    "do_purge": lambda b, q: b._purge(q),
+    "do_qsize": RedisBroker._do_qsize,
+}
+
+
+class _RedisConsumer(Consumer):
+    """A consumer of one Redis queue.
+
+    When its buffer is empty it fetches as many messages as its free prefetch allows
+    (at most the unpack limit) in one script call, once at least half its prefetch
+    window is free, then hands them out one per ``next()``. With nothing to fetch it
+    waits for an enqueue notification, or ``timeout`` ms. ``ack``, ``nack``,
+    ``requeue`` and ``promote`` are thread-safe: worker threads settle directly, and
+    acks arriving while another thread sends a batch join the next batch.
+    """
+
+    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.broker = broker
+        self.queue_name = queue_name
+        self.prefetch = prefetch
+        self.timeout = timeout
+        self._min_batch = max(1, prefetch // 2)
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._buffer: deque[tuple[str, bytes]] = deque()  # fetched, not handed out
+        self._held: dict[str, None] = {}  # handed out, not settled (in order)
+        self._acks: list[str] = []  # acked, not yet sent
+        self._sending = False  # a thread is sending acks
+        self._closed = False
+
+    @property
+    def _outstanding(self) -> int:
+        return len(self._buffer) + len(self._held)
+
+    def __next__(self) -> MessageProxy:
+        broker = self.broker
+        deadline = time.monotonic() + self.timeout / 1000
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StopIteration
+                if self._buffer:
+                    rid, payload = self._buffer.popleft()
+                    self._held[rid] = None
+                else:
+                    rid, payload = "", b""
+            if rid:
+                try:
+                    message = decode_message(payload, _message.global_encoder, Message)
+                except DecodeError as e:
+                    broker.logger.error(
+                        "Dead-lettering undecodable message %s on %r: %s", rid, self.queue_name, e
+                    )
+                    self._send("nack", [rid])
+                    continue
+                proxy = MessageProxy(broker, message)
+                proxy._tag = rid
+                return proxy
+            if not self._fetch(deadline):
+                raise StopIteration
+
+    def _fetch(self, deadline: float) -> bool:
+        """Fill the buffer, waiting until ``deadline``; return whether it has items."""
+        broker = self.broker
+        while True:
+            with self._lock:
+                room = self.prefetch - self._outstanding
+                while room < self._min_batch:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._closed:
+                        return False
+                    self._room.wait(remaining)
+                    room = self.prefetch - self._outstanding
+            generation = broker._waker.generation(self.queue_name)
+            reply = broker._run(
+                "fetch",
+                (
+                    broker._keys.queue(self.queue_name),
+                    broker._keys.msgs(self.queue_name),
+                    broker._keys.acks(broker.broker_id, self.queue_name),
+                    broker._keys.heartbeats,
+                ),
+                (min(room, broker.max_unpack), _now(), broker.broker_id),
+            )
+            broker._maybe_maintain()
+            if reply:
+                with self._lock:
+                    it = iter(reply)
+                    self._buffer.extend(
+                        (_text(rid), _bytes(data)) for rid, data in zip(it, it, strict=True)
+                    )
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            broker._waker.wait(self.queue_name, generation, remaining)
+            if (
+                time.monotonic() >= deadline
+                and broker._waker.generation(self.queue_name) == generation
+            ):
+                return False  # no notification came in time
+
+    def _send(self, command: str, rids: list[str]) -> None:
+        """Settle ``rids`` now and free their prefetch slots."""
+        try:
+            _settle(self.broker, command, self.queue_name, rids)
+        finally:
+            with self._lock:
+                for rid in rids:
+                    self._held.pop(rid, None)
+                self._room.notify_all()
+
+    def ack(self, message: MessageProxy) -> None:
+        """Settle ``message`` as done.
+
+        Acks from concurrent threads are sent together: the thread that finds no
+        batch in flight sends its own and every ack that arrives meanwhile.
+
+        Raises:
+            ConnectionClosed: Redis could not be reached. The unsent acks are kept
+                and sent with the next ack or when the consumer closes.
+        """
+        rid = _rid(message)
+        with self._lock:
+            self._acks.append(rid)
+            if self._sending:
+                return
+            self._sending = True
+        self._send_acks()
+
+    def _send_acks(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._acks = self._acks, []
+                if not batch:
+                    self._sending = False
+                    return
+            try:
+                _settle(self.broker, "ack", self.queue_name, batch)
+            except BaseException:
+                with self._lock:
+                    self._acks[:0] = batch
+                    self._sending = False
+                raise
+            with self._lock:
+                for rid in batch:
+                    self._held.pop(rid, None)
+                self._room.notify_all()
+
+    def nack(self, message: MessageProxy) -> None:
+        """Dead-letter ``message``.
+
+        Raises:
+            ConnectionClosed: Redis could not be reached (nothing changed).
+        """
+        self._send("nack", [_rid(message)])
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        """Return unprocessed ``messages`` to the tail of their queue, in one call."""
+        rids = [_rid(message) for message in messages]
+        if rids:
+            self._send("requeue", rids)
+
+    def promote(self, message: MessageProxy) -> Message[Any]:
+        """Move a held delayed message to its canonical queue in one step.
+
+        Returns:
+            The promoted copy as stored (canonical queue, no ``eta``, a new
+            ``redis_message_id``).
+        """
+        promoted = policy.promoted(message.message)
+        return self.replace(message, promoted, None, hooks=False)
+
+    def replace(self, message: MessageProxy, new: M, delay: int | None, *, hooks: bool = True) -> M:
+        """Store ``new`` (after ``delay`` ms) and ack ``message`` in one step.
+
+        This is how a retry is stored: if this consumer no longer holds ``message``
+        (another worker recovered it), nothing is stored and it runs again instead.
+
+        Returns:
+            ``new`` as stored.
+
+        Raises:
+            ConnectionClosed: Redis could not be reached (nothing changed).
+        """
+        broker = self.broker
+        old = _rid(message)
+        if hooks:
+            stored, payload = broker._prepare(new, delay, _now())
+        else:
+            stored = new.copy(options={"redis_message_id": runtime.get_id_source().new_id()})
+            payload = encode_message(stored, _message.global_encoder)
+        keys = broker._keys
+        name = stored.queue_name
+        try:
+            replaced = broker._run(
+                "replace",
+                (
+                    keys.acks(broker.broker_id, self.queue_name),
+                    keys.msgs(self.queue_name),
+                    keys.deliveries(self.queue_name),
+                    keys.queue(name),
+                    keys.msgs(name),
+                ),
+                (old, stored.options["redis_message_id"], payload, keys.channel(name)),
+            )
+        finally:
+            with self._lock:
+                self._held.pop(old, None)
+                self._room.notify_all()
+        if not replaced:
+            broker.logger.warning(
+                "Message %s on %r was recovered by another worker before it could be "
+                "replaced; it will run again.",
+                message.message_id,
+                self.queue_name,
+            )
+        elif hooks and broker._hooks.after_enqueue:
+            broker._run_after(broker._hooks.after_enqueue, stored, delay)
+        return stored
+
+    def close(self) -> None:
+        """Send pending acks, and return every message this consumer holds (fetched
+        or handed out, unsettled) to its queue."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            acked = set(self._acks)
+            rids = [rid for rid in self._held if rid not in acked]
+            rids += [rid for rid, _ in self._buffer]
+            self._buffer.clear()
+            self._room.notify_all()
+        try:
+            if self._acks:
+                with self._lock:
+                    self._sending = True
+                self._send_acks()
+            if rids:
+                self._send("requeue", rids)
+        except RedisConnectionClosed:
+            self.broker.logger.warning(
+                "Could not return %d messages of %r: Redis is unreachable; they come back "
+                "when this process's heartbeat expires.",
+                len(rids),
+                self.queue_name,
+            )
+
+
+def _rid(message: MessageProxy) -> str:
+    tag = message._tag
+    if not isinstance(tag, str):
+        raise ValueError(
+            f"{message!r} was not delivered by a RedisBroker consumer (it has no "
+            "redis_message_id tag)"
+        )
+    return tag

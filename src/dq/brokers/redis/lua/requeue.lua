@@ -1,0 +1,17 @@
+-- Requeue: return unprocessed messages the caller holds to the tail of their
+-- queue. Core transitions: Requeue, Release (a consumer closing).
+--
+-- KEYS[1] ns:__acks__.W.Q   KEYS[2] ns:Q.msgs   KEYS[3] ns:Q
+-- ARGV[1] notification channel, ARGV[2..] ids
+local requeued = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  if redis.call('SREM', KEYS[1], id) == 1 and redis.call('HEXISTS', KEYS[2], id) == 1 then
+    redis.call('RPUSH', KEYS[3], id)
+    requeued = requeued + 1
+  end
+end
+if requeued > 0 then
+  redis.call('PUBLISH', ARGV[1], '')
+end
+return requeued
