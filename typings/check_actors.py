@@ -32,6 +32,8 @@ def bare_decorator() -> None:
     assert_type(add.send_with_options(args=(1, 2), delay=timedelta(seconds=1)), Message[int])
     assert_type(add.send_with_options(args=(1, 2), kwargs={}, max_retries=0), Message[int])
     assert_type(add.send_with_options(), Message[int])
+    assert_type(add.send_many([add.message(1, 2), add.message(3, 4)]), list[Message[int]])
+    assert_type(add.send_many([add.message(1, 2)], delay=timedelta(seconds=1)), list[Message[int]])
     assert_type(add.message_with_options(args=(1, 2), delay=100), Message[int])
     assert_type(add.message_with_options(args=(1, 2), on_success=add), Message[int])
     assert_type(add.broker, dq.Broker)

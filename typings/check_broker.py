@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, assert_type
 
+import redis
+
 import dq
 import dq.core
 from dq import Broker, Consumer, Message, MessageProxy
+from dq.brokers.redis import RecoveryReport, RedisBroker
 from dq.brokers.stub import StubBroker
 
 
@@ -38,6 +41,16 @@ def enqueue_keeps_the_message_type() -> None:
 def enqueue_through_the_base_class(base: Broker, message: Message[bytes]) -> None:
     assert_type(base.enqueue(message), Message[bytes])
     assert_type(base.enqueue(message, delay=0), Message[bytes])
+    assert_type(base.enqueue_many([message, message]), list[Message[bytes]])
+
+
+def redis_broker() -> None:
+    broker = RedisBroker(url="redis://127.0.0.1:6379/0", heartbeat_timeout=10_000)
+    assert_type(broker.client, redis.Redis)
+    assert_type(broker.enqueue_many([Message.decode(b"{}")], delay=5), list[Message[Any]])
+    assert_type(broker.recover(), RecoveryReport)
+    assert_type(broker.recover().dead_lettered, tuple[str, ...])
+    assert_type(broker.qsize("default"), int)
 
 
 def consumers(broker: StubBroker) -> None:

@@ -28,6 +28,12 @@ def wrong_sends() -> None:
     add.message(1, 2, unknown=True)  # E: call-arg
     add("x", 2)  # E: arg-type
     add.send_with_options(1, 2)  # E: call-arg, arg-type
+
+    @dq.actor
+    def name(x: str) -> str:
+        return x
+
+    add.send_many([name.message("x")])  # E: list-item
     add.send_with_options(args=(1, 2), delay="soon")  # E: arg-type
     add.send_with_options(args=[1, 2])  # E: arg-type
     add.message_with_options(kwargs=[("x", 1)])  # E: arg-type
