@@ -436,22 +436,38 @@ def test_a_message_that_kills_its_worker_each_time_is_dead_lettered(
     rid = stored.options["redis_message_id"]
     conn = broker.client
     hb = f"{namespace}:__heartbeats__"
+    bystander = broker.enqueue(Message("q", "f", (), {}, {})).options["redis_message_id"]
     for attempt in (1, 2):
-        # A worker takes it and dies (its heartbeat is old).
+        # A worker takes both, starts the first and dies (its heartbeat is old).
         worker_id = f"dead-{attempt}"
-        assert conn.lpop(f"{namespace}:q") == rid.encode()
-        conn.sadd(f"{namespace}:__acks__.{worker_id}.q", rid)
+        assert conn.lpop(f"{namespace}:q", 2) == [rid.encode(), bystander.encode()]
+        conn.sadd(f"{namespace}:__acks__.{worker_id}.q", rid, bystander)
         conn.zadd(hb, {worker_id: 0})
+        if attempt == 2:
+            # A suspect records its start (the consumer does it before running it).
+            conn.hset(f"{namespace}:__dq__.started.q", rid, worker_id)
         with caplog.at_level(logging.ERROR, logger="dq"):
             report = broker.recover()
         assert report.dead_workers == (worker_id,)
         if attempt == 1:
-            assert report.requeued == 1 and report.dead_lettered == ()
+            assert report.requeued == 2 and report.dead_lettered == ()
+            # Put the poison message first again.
+            conn.delete(f"{namespace}:q")
+            conn.rpush(f"{namespace}:q", rid, bystander)
         else:
-            assert report.requeued == 0 and report.dead_lettered == (rid,)
+            # Only the one that started (twice now) is dead-lettered; the message
+            # merely prefetched beside it goes back to its queue.
+            assert report.requeued == 1 and report.dead_lettered == (rid,)
     assert conn.zscore(f"{namespace}:q.XQ", rid) is not None
     assert f"Dead-lettered message {rid}" in caplog.text
-    assert conn.hlen(f"{namespace}:__dq__.deliveries.q") == 0
+    assert conn.lrange(f"{namespace}:q", 0, -1) == [bystander.encode()]
+    assert conn.hkeys(f"{namespace}:__dq__.deliveries.q") == [bystander.encode()]  # a suspect
+    # Once the bystander is acked, nothing but the dead letter is left.
+    consumer = broker.consume("q", prefetch=1, timeout=100)
+    message = next(consumer)
+    consumer.started(message)  # type: ignore[attr-defined]  # Redis consumers can
+    consumer.ack(message)
+    consumer.close()
     broker.close()
     assert keys_under(conn, namespace) == [f"{namespace}:q.XQ", f"{namespace}:q.XQ.msgs"]
 

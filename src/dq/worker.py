@@ -158,6 +158,23 @@ def _log_failure(
         )
 
 
+@runtime_checkable
+class _Starting(Protocol):
+    def started(self, message: MessageProxy) -> None: ...
+
+
+def mark_started(
+    consumer: Consumer, message: MessageProxy, logger: logging.Logger = _logger
+) -> None:
+    """Tell a consumer that can track it (Redis) that ``message`` starts running now,
+    so a message that kills its process is recognised (``max_deliveries``)."""
+    if isinstance(consumer, _Starting):
+        try:
+            consumer.started(message)
+        except BrokerConnectionError:
+            logger.warning("Could not record that message %s started.", message.message_id)
+
+
 def settle(broker: Broker, consumer: Consumer, message: MessageProxy) -> None:
     """Settle a processed message on its consumer, with the ack/nack hooks.
 
@@ -377,8 +394,13 @@ class ConsumerThread(_Pausable):
                         CONSUMER_RESTART_DELAY_SECS,
                         exc_info=True,
                     )
-                    self.delay_queue.clear()  # the broker redelivers them
-                    self.consumer = None
+                    if not getattr(self.consumer, "survives_connection_loss", False):
+                        # Its deliveries died with the connection: the broker
+                        # redelivers them (and what it holds for later).
+                        self.delay_queue.clear()
+                        self.consumer = None
+                    # Otherwise (Redis) the consumer and what it holds stay valid: it
+                    # carries on, and its messages are settled once Redis is back.
                     time.sleep(CONSUMER_RESTART_DELAY_SECS)
                 except Exception:
                     self.logger.critical(
@@ -528,6 +550,7 @@ class WorkerThread(_Pausable):
     def process_message(self, message: MessageProxy, consumer: Consumer) -> None:
         """Process one message and settle it on its consumer."""
         try:
+            mark_started(consumer, message, self.logger)
             process_message(self.broker, message, self.logger)
         except BaseException as e:
             self.logger.error("Error processing message %s.", message, exc_info=True)
@@ -788,6 +811,7 @@ class Runner:
         if not self.ready:
             return promoted > 0
         _, _, message, consumer = heapq.heappop(self.ready)
+        mark_started(consumer, message, self.logger)
         process_message(self.broker, message, self.logger)
         settle(self.broker, consumer, message)
         return True

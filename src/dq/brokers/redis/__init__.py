@@ -120,6 +120,7 @@ _SCRIPT_NAMES = (
 )
 _NOTIFY = "__dq__.notify."
 _DELIVERIES = "__dq__.deliveries."
+_STARTED = "__dq__.started."
 _ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -190,6 +191,9 @@ class _Keys:
 
     def deliveries(self, queue_name: str) -> str:
         return f"{self.ns}:{_DELIVERIES}{queue_name}"
+
+    def started(self, queue_name: str) -> str:
+        return f"{self.ns}:{_STARTED}{queue_name}"
 
     def channel(self, queue_name: str) -> str:
         return f"{self.ns}:{_NOTIFY}{queue_name}"
@@ -285,21 +289,32 @@ class _Keeper(threading.Thread):
         beat_every = broker.heartbeat_interval / 1000
         recover_every = broker.requeue_interval / 1000
         next_recovery = time.monotonic() + recover_every
+        failing = False
         while not self.stopped.is_set():
+            wait = beat_every
             try:
                 broker.heartbeat()
+                broker._settle_orphans()
                 if self.wake.is_set() or time.monotonic() >= next_recovery:
                     self.wake.clear()
                     next_recovery = time.monotonic() + recover_every
                     broker.recover()
+                    broker.reconcile()
+                if failing:
+                    failing = False
+                    broker.logger.info("Redis is reachable again.")
+                wait = min(beat_every, next_recovery - time.monotonic())
             except _ERRORS:
-                broker.logger.warning("Heartbeat or recovery failed: Redis is unreachable.")
+                if not failing:  # once per outage, not once per attempt
+                    failing = True
+                    broker.logger.warning(
+                        "Heartbeat or recovery failed: Redis is unreachable; retrying every "
+                        "%.2f s.",
+                        beat_every,
+                    )
             except Exception:
                 broker.logger.exception("Heartbeat or recovery failed.")
-            timeout = min(beat_every, max(0.0, next_recovery - time.monotonic()))
-            self.wake.wait(timeout) if timeout > 0 else None
-            if self.stopped.is_set():
-                return
+            self.wake.wait(max(0.01, wait))
 
 
 def _glob_escape(text: str) -> str:
@@ -327,7 +342,10 @@ class RedisBroker(Broker):
         client: a ``redis.Redis`` to use as it is (exposed as `client`).
         max_deliveries: how many times a message of a canonical queue may be
             delivered without ever being acked or nacked (each time, the worker
-            holding it died) before recovery dead-letters it; 0 disables the limit.
+            running it died) before recovery dead-letters it; 0 disables the limit,
+            else at least 2. Its first such delivery is counted for every message the
+            dead worker held; later ones only when the message had started running
+            (so messages merely prefetched beside a poison message are spared).
         parameters: keyword arguments of ``redis.Redis`` when neither ``url`` nor
             ``client`` is given.
 
@@ -360,6 +378,11 @@ class RedisBroker(Broker):
             "maintenance_chance", maintenance_chance, allow_zero=True
         )
         self.max_deliveries = _positive_int("max_deliveries", max_deliveries, allow_zero=True)
+        if self.max_deliveries == 1:
+            raise ValueError(
+                "max_deliveries must be 0 (no limit) or at least 2, got 1: the first "
+                "delivery of a message that dies with its worker is not attributed to it"
+            )
         self.requeue_interval, self.requeue_deadline = _recovery_timing(
             heartbeat_timeout, requeue_deadline, requeue_interval
         )
@@ -392,6 +415,14 @@ class RedisBroker(Broker):
         self._keeper: _Keeper | None = None
         self._max_unpack: int | None = None
         self._closed = False
+        # Settlements closed consumers could not send (Redis was down): the keeper
+        # retries them, so nothing stays in this live process's ack sets for ever.
+        self._orphans: list[tuple[str, str, list[str]]] = []
+        self._orphans_lock = threading.Lock()
+        # Open consumers, and one lock per queue that a fetch holds from its call
+        # until its reply is buffered (`reconcile` holds it to see a settled picture).
+        self._consumers: set[_RedisConsumer] = set()
+        self._fetch_locks: dict[str, threading.Lock] = {}
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -458,6 +489,67 @@ class RedisBroker(Broker):
                 self.client.zrem(self._keys.heartbeats, self.broker_id)
         except _ERRORS:
             self.logger.warning("Could not remove this broker's heartbeat: Redis is unreachable.")
+
+    def _settle_orphans(self) -> None:
+        with self._orphans_lock:
+            orphans, self._orphans = self._orphans, []
+        for index, (queue_name, command, rids) in enumerate(orphans):
+            if not rids:
+                continue
+            try:
+                _settle(self, command, queue_name, rids)
+            except RedisConnectionClosed:
+                with self._orphans_lock:
+                    self._orphans[:0] = orphans[index:]
+                raise
+
+    def _fetch_lock(self, queue_name: str) -> threading.Lock:
+        lock = self._fetch_locks.get(queue_name)
+        if lock is None:
+            lock = self._fetch_locks.setdefault(queue_name, threading.Lock())
+        return lock
+
+    def reconcile(self) -> int:
+        """Return to their queues the messages this live process's ack sets hold but
+        none of its consumers knows about, and return how many there were.
+
+        That happens when a fetch ran on the server but its reply was lost (a
+        timeout, a killed connection, a client that retried the call): the ids
+        joined this process's ack set, and no consumer got them. Recovery would
+        never return them, since this process is alive. The keeper runs this after
+        each recovery tick.
+
+        Raises:
+            ConnectionClosed: Redis could not be reached.
+        """
+        stray_total = 0
+        for queue_name in sorted({c.queue_name for c in list(self._consumers)}):
+            with self._fetch_lock(queue_name):
+                known: set[str] = set()
+                for consumer in list(self._consumers):
+                    if consumer.queue_name == queue_name:
+                        known |= consumer._known()
+                with self._orphans_lock:
+                    for name, _, rids in self._orphans:
+                        if name == queue_name:
+                            known.update(rids)
+                key = self._keys.acks(self.broker_id, queue_name)
+                try:
+                    members = [_text(m) for m in self.client.smembers(key)]
+                except _ERRORS as e:
+                    raise RedisConnectionClosed(e) from e
+                stray = [rid for rid in members if rid not in known]
+                if stray:
+                    returned = _settle(self, "requeue", queue_name, stray)
+                    stray_total += len(stray)
+                    self.logger.warning(
+                        "Returned %d messages of %r whose fetch reply was lost (%d were still "
+                        "stored).",
+                        len(stray),
+                        queue_name,
+                        returned,
+                    )
+        return stray_total
 
     def heartbeat(self) -> None:
         """Record that this process is alive (the keeper thread does it on a timer)."""
@@ -644,6 +736,7 @@ class RedisBroker(Broker):
                         keys.queue(queue_name),
                         keys.msgs(queue_name),
                         keys.deliveries(queue_name),
+                        keys.started(queue_name),
                         keys.dead(queue_name),
                         keys.dead_msgs(queue_name),
                     ),
@@ -800,10 +893,11 @@ class RedisBroker(Broker):
                 keys.msgs(queue_name),
                 keys.acks(self.broker_id, queue_name),
                 keys.heartbeats,
+                keys.deliveries(queue_name),
             ),
             (min(n, self.max_unpack), _now(), self.broker_id),
         )
-        return [_bytes(payload) for payload in reply[1::2]]
+        return [_bytes(payload) for payload in reply[1::3]]
 
     def _do_settle(self, command: str, queue_name: str, *ids: str) -> None:
         _settle(self, command, queue_name, list(ids))
@@ -848,7 +942,11 @@ def _settle(broker: RedisBroker, command: str, queue_name: str, rids: list[str])
     keys = broker._keys
     acks = keys.acks(broker.broker_id, queue_name)
     if command == "ack":
-        reply = broker._run("ack", (acks, keys.msgs(queue_name), keys.deliveries(queue_name)), rids)
+        reply = broker._run(
+            "ack",
+            (acks, keys.msgs(queue_name), keys.deliveries(queue_name), keys.started(queue_name)),
+            rids,
+        )
     elif command == "nack":
         reply = broker._run(
             "nack",
@@ -858,6 +956,7 @@ def _settle(broker: RedisBroker, command: str, queue_name: str, rids: list[str])
                 keys.dead(queue_name),
                 keys.dead_msgs(queue_name),
                 keys.deliveries(queue_name),
+                keys.started(queue_name),
             ),
             [_now(), *rids],
         )
@@ -892,6 +991,10 @@ class _RedisConsumer(Consumer):
     acks arriving while another thread sends a batch join the next batch.
     """
 
+    #: What it holds lives in Redis under this process's id, not in a connection: after
+    #: a connection error the worker keeps using it (and the messages it holds).
+    survives_connection_loss = True
+
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.broker = broker
         self.queue_name = queue_name
@@ -903,8 +1006,16 @@ class _RedisConsumer(Consumer):
         self._buffer: deque[tuple[str, bytes]] = deque()  # fetched, not handed out
         self._held: dict[str, None] = {}  # handed out, not settled (in order)
         self._acks: list[str] = []  # acked, not yet sent
+        self._suspects: set[str] = set()  # recovered from dead workers before
         self._sending = False  # a thread is sending acks
         self._closed = False
+        broker._consumers.add(self)
+
+    def _known(self) -> set[str]:
+        """The ids this consumer holds in any form (buffered, handed out, acked but
+        not yet sent)."""
+        with self._lock:
+            return {rid for rid, _ in self._buffer} | set(self._held) | set(self._acks)
 
     @property
     def _outstanding(self) -> int:
@@ -950,23 +1061,28 @@ class _RedisConsumer(Consumer):
                     self._room.wait(remaining)
                     room = self.prefetch - self._outstanding
             generation = broker._waker.generation(self.queue_name)
-            reply = broker._run(
-                "fetch",
-                (
-                    broker._keys.queue(self.queue_name),
-                    broker._keys.msgs(self.queue_name),
-                    broker._keys.acks(broker.broker_id, self.queue_name),
-                    broker._keys.heartbeats,
-                ),
-                (min(room, broker.max_unpack), _now(), broker.broker_id),
-            )
+            limit = min(room, broker.max_unpack)
+            with broker._fetch_lock(self.queue_name):
+                reply = broker._run(
+                    "fetch",
+                    (
+                        broker._keys.queue(self.queue_name),
+                        broker._keys.msgs(self.queue_name),
+                        broker._keys.acks(broker.broker_id, self.queue_name),
+                        broker._keys.heartbeats,
+                        broker._keys.deliveries(self.queue_name),
+                    ),
+                    (limit, _now(), broker.broker_id),
+                )
+                if reply:
+                    with self._lock:
+                        it = iter(reply)
+                        for rid, data, suspect in zip(it, it, it, strict=True):
+                            self._buffer.append((_text(rid), _bytes(data)))
+                            if int(suspect):
+                                self._suspects.add(_text(rid))
             broker._maybe_maintain()
             if reply:
-                with self._lock:
-                    it = iter(reply)
-                    self._buffer.extend(
-                        (_text(rid), _bytes(data)) for rid, data in zip(it, it, strict=True)
-                    )
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -1025,6 +1141,26 @@ class _RedisConsumer(Consumer):
                     self._held.pop(rid, None)
                 self._room.notify_all()
 
+    def started(self, message: MessageProxy) -> None:
+        """Record that a worker is about to run ``message``, if it is a suspect (it
+        was recovered from a dead worker before): if this process dies while running
+        it, recovery counts one more delivery towards ``max_deliveries``. Messages
+        that were never recovered cost nothing here.
+
+        Raises:
+            ConnectionClosed: Redis could not be reached.
+        """
+        rid = _rid(message)
+        with self._lock:
+            if rid not in self._suspects:
+                return
+            self._suspects.discard(rid)
+        broker = self.broker
+        try:
+            broker.client.hset(broker._keys.started(self.queue_name), rid, broker.broker_id)
+        except _ERRORS as e:
+            raise RedisConnectionClosed(e) from e
+
     def nack(self, message: MessageProxy) -> None:
         """Dead-letter ``message``.
 
@@ -1077,6 +1213,7 @@ class _RedisConsumer(Consumer):
                     keys.acks(broker.broker_id, self.queue_name),
                     keys.msgs(self.queue_name),
                     keys.deliveries(self.queue_name),
+                    keys.started(self.queue_name),
                     keys.queue(name),
                     keys.msgs(name),
                 ),
@@ -1100,6 +1237,12 @@ class _RedisConsumer(Consumer):
     def close(self) -> None:
         """Send pending acks, and return every message this consumer holds (fetched
         or handed out, unsettled) to its queue."""
+        try:
+            self._close()
+        finally:
+            self.broker._consumers.discard(self)
+
+    def _close(self) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -1118,11 +1261,15 @@ class _RedisConsumer(Consumer):
                 self._send("requeue", rids)
         except RedisConnectionClosed:
             self.broker.logger.warning(
-                "Could not return %d messages of %r: Redis is unreachable; they come back "
-                "when this process's heartbeat expires.",
+                "Could not return %d messages of %r: Redis is unreachable; this broker "
+                "retries until it can (or they come back when its heartbeat expires).",
                 len(rids),
                 self.queue_name,
             )
+            with self.broker._orphans_lock:
+                self.broker._orphans.append((self.queue_name, "ack", list(self._acks)))
+                self.broker._orphans.append((self.queue_name, "requeue", rids))
+                self._acks.clear()
 
 
 def _rid(message: MessageProxy) -> str:

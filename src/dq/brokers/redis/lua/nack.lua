@@ -3,7 +3,7 @@
 -- were stored) before it leaves the queue's hash, in one step.
 --
 -- KEYS[1] ns:__acks__.W.Q   KEYS[2] ns:Q.msgs   KEYS[3] ns:C.XQ (zset)
--- KEYS[4] ns:C.XQ.msgs      KEYS[5] ns:__dq__.deliveries.Q
+-- KEYS[4] ns:C.XQ.msgs      KEYS[5] ns:__dq__.deliveries.Q   KEYS[6] ns:__dq__.started.Q
 -- ARGV[1] now (ms), ARGV[2..] ids
 local nacked = 0
 for i = 2, #ARGV do
@@ -17,6 +17,7 @@ for i = 2, #ARGV do
       nacked = nacked + 1
     end
     redis.call('HDEL', KEYS[5], id)
+    redis.call('HDEL', KEYS[6], id)
   end
 end
 return nacked

@@ -6,15 +6,16 @@
 -- message is never duplicated by this step.
 --
 -- KEYS[1] ns:__acks__.W.Qold   KEYS[2] ns:Qold.msgs   KEYS[3] ns:__dq__.deliveries.Qold
--- KEYS[4] ns:Qnew              KEYS[5] ns:Qnew.msgs
+-- KEYS[4] ns:__dq__.started.Qold   KEYS[5] ns:Qnew   KEYS[6] ns:Qnew.msgs
 -- ARGV[1] old id   ARGV[2] new id   ARGV[3] new payload   ARGV[4] channel of Qnew
 -- Returns 1 when replaced, 0 when the caller did not hold the old id.
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
-redis.call('HSET', KEYS[5], ARGV[2], ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[2])
+redis.call('HSET', KEYS[6], ARGV[2], ARGV[3])
+redis.call('RPUSH', KEYS[5], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('PUBLISH', ARGV[4], '')
 return 1
