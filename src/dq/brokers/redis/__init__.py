@@ -34,9 +34,13 @@ Where Dramatiq is unsafe, dq fixes it inside the same keys:
   ``requeue_deadline = heartbeat_timeout + requeue_interval`` ms after the dead
   worker's last heartbeat. Dramatiq's probabilistic maintenance remains an extra
   trigger (``maintenance_chance`` per million fetches).
-* **Poison messages are dead-lettered.** A message recovered from dead workers
-  ``max_deliveries`` times (delivered that often and never acked or nacked: its task
-  kills the process) is dead-lettered with a log line instead of looping forever.
+* **Poison messages are dead-lettered.** A message delivered ``max_deliveries`` times
+  whose worker died while running it each time (its task kills the process) is
+  dead-lettered with a log line instead of looping forever. Recovered messages become
+  suspects, and a consumer records when it starts one, so messages merely prefetched
+  beside a poison message are not counted.
+* **Lost replies are returned.** Ids of a fetch whose reply never arrived are found in
+  this live process's ack set and requeued (`RedisBroker.reconcile`).
 * **Idle consumers wake at once.** Enqueue scripts publish on the channel
   ``ns:__dq__.notify.Q`` (pub/sub: no key is written); a consumer with nothing to do
   waits for that notification instead of polling with backoff. It still polls every
@@ -46,8 +50,9 @@ Where Dramatiq is unsafe, dq fixes it inside the same keys:
   many worker threads are sent together, and `RedisBroker.enqueue_many` stores many
   messages in one round trip.
 
-dq's only extra key is the hash ``ns:__dq__.deliveries.Q`` (recovery counts), which
-exists only while a recovered message is unsettled.
+dq's only extra keys are the hashes ``ns:__dq__.deliveries.Q`` and
+``ns:__dq__.started.Q`` (poison-message counts), which exist only while a message
+recovered from a dead worker is unsettled.
 """
 
 from __future__ import annotations
