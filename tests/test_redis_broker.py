@@ -578,3 +578,18 @@ def test_a_worker_runs_retries_delays_and_dead_letters_on_redis(
     broker.flush_all()
     broker.close()
     assert keys_under(broker.client, namespace) == []
+
+
+def test_a_client_that_decodes_responses_works_too(namespace: str) -> None:
+    # The Brokers chapter's example passes redis.Redis(decode_responses=True).
+    decoding = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
+    broker = RedisBroker(client=decoding, namespace=namespace)
+    broker.declare_queue("q")
+    stored = broker.enqueue(Message("q", "f", ("é",), {}, {}))
+    consumer = broker.consume("q", prefetch=1, timeout=100)
+    message = next(consumer)
+    assert message.message == stored
+    consumer.ack(message)
+    consumer.close()
+    broker.close()
+    assert keys_under(client(), namespace) == []
