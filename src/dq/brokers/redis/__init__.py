@@ -59,10 +59,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import os
 import random
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
@@ -420,6 +422,8 @@ class RedisBroker(Broker):
         self._keeper: _Keeper | None = None
         self._max_unpack: int | None = None
         self._closed = False
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         # Settlements closed consumers could not send (Redis was down): the keeper
         # retries them, so nothing stays in this live process's ack sets for ever.
         self._orphans: list[tuple[str, str, list[str]]] = []
@@ -436,11 +440,46 @@ class RedisBroker(Broker):
         """The class of this broker's consumers."""
         return _RedisConsumer
 
+    def _connection(self) -> Any:
+        """This thread's own connection (same parameters as the client's pool).
+
+        Taking a connection from redis-py's pool and returning it costs more than
+        the round trip of a small script, so each thread keeps one: a dedicated
+        connection per consumer, per worker thread, per producing thread.
+        """
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():  # none yet, or inherited by a fork
+            pool = self.client.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            local.conn, local.pid = conn, os.getpid()
+            self._connections.add(conn)
+        return conn
+
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run script ``name`` on this thread's connection (loading it if the server
+        does not know it); a connection error closes the connection (the next call
+        opens a new one) and raises `RedisConnectionClosed`. Nothing is retried
+        here: a retried call could run twice."""
+        script = self.scripts[name]
+        conn = self._connection()
         try:
-            return self.scripts[name](keys=keys, args=args)
+            try:
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                conn.send_command("SCRIPT", "LOAD", script.script)
+                conn.read_response()
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
         except _ERRORS as e:
+            conn.disconnect()
             raise RedisConnectionClosed(e) from e
+        except BaseException:
+            # An interrupted call (a time limit, a shutdown notification) may leave
+            # a reply unread on the connection: never reuse it.
+            conn.disconnect()
+            raise
 
     @property
     def max_unpack(self) -> int:
@@ -484,6 +523,9 @@ class RedisBroker(Broker):
             self._keeper = self._listener = None
         self._waker.notify_all()
         self._forget_self()
+        for conn in list(self._connections):
+            with contextlib.suppress(Exception):
+                conn.disconnect()
 
     def _forget_self(self) -> None:
         """Drop this broker's heartbeat if it holds no message any more (otherwise
