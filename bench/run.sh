@@ -5,6 +5,8 @@
 #   bash bench/run.sh enqueue [options]       the same
 #   bash bench/run.sh drain [options]         drain.py,   e.g. bash bench/run.sh drain --n 100000
 #   bash bench/run.sh latency [options]       latency.py, e.g. bash bench/run.sh latency --samples 500
+#   bash bench/run.sh redis [options]         redis_bench.py (RedisBroker, needs Redis on
+#                                             127.0.0.1:6379 or --url), e.g. --runs 5
 #
 # A first argument that is not a benchmark name (an option such as --runs) runs
 # enqueue.py with all the arguments, as run.sh always did.
@@ -50,6 +52,12 @@ script=enqueue
 case "${1:-}" in
     enqueue | drain | latency)
         script="$1"
+        shift
+        ;;
+    redis)
+        # Not bench/redis.py: that name would shadow the redis package (python puts
+        # bench/ first on sys.path).
+        script=redis_bench
         shift
         ;;
 esac
