@@ -3,6 +3,8 @@ default stack."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from dq.middleware.age_limit import AgeLimit
 from dq.middleware.callbacks import Callbacks
 from dq.middleware.current_message import CurrentMessage
@@ -12,6 +14,9 @@ from dq.middleware.retries import Retries
 from dq.middleware.shutdown import Shutdown, ShutdownNotifications
 from dq.middleware.threading import Interrupt, raise_thread_exception
 from dq.middleware.time_limit import TimeLimit, TimeLimitExceeded
+
+if TYPE_CHECKING:
+    from dq.middleware.prometheus import Prometheus as Prometheus
 
 # Dramatiq's order (AsyncIO and GroupCallbacks join when they land).
 __all__ = [  # noqa: RUF022
@@ -44,3 +49,16 @@ default_middleware: list[type[Middleware]] = [
     Pipelines,
     Retries,
 ]
+
+
+if not TYPE_CHECKING:  # mypy sees the import above, so a typo is still an error
+
+    def __getattr__(name: str) -> Any:
+        """Resolve ``Prometheus`` on first use (a dq addition: Dramatiq has it only in
+        ``dramatiq.middleware.prometheus``). Importing its module creates the metrics
+        directory, so ``import dq.middleware`` does not; it is not in ``__all__``."""
+        if name == "Prometheus":
+            from dq.middleware.prometheus import Prometheus  # noqa: PLC0415
+
+            return Prometheus
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
