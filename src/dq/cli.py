@@ -168,8 +168,10 @@ def make_argument_parser() -> argparse.ArgumentParser:
         "--watch-include",
         "-i",
         action="append",
-        default=["**.py"],
-        help="glob patterns to watch (repeatable; **.py always)",
+        # watchdog >= 5 matches patterns against whole paths, where Dramatiq's "**.py"
+        # no longer matches: dq adds "**/*.py" so the default works.
+        default=["**.py", "**/*.py"],
+        help="glob patterns to watch (repeatable; Python files always)",
     )
     parser.add_argument(
         "--watch-exclude", "-x", action="append", default=[], help="glob patterns to ignore"
@@ -439,6 +441,14 @@ class _Supervisor:
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
+            if self.stopping:
+                # A second change (an editor saves twice) or a reload while stopping:
+                # the workers are already stopping gracefully; a second SIGHUP would
+                # make them stop at once.
+                self.logger.info(
+                    "Already %s; ignoring SIGHUP.", "reloading" if self.reloading else "stopping"
+                )
+                return
             self.logger.info("Reloading: stopping the workers gracefully, then restarting.")
             self.reloading = True
             self.stopping = True
