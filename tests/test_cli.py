@@ -669,3 +669,67 @@ def test_version_and_invalid_arguments(app: App) -> None:
     assert done.returncode == 2
     assert "must be a positive integer" in done.stderr
     assert app.leftovers() == []
+
+
+# -- 10. the Prometheus endpoint ------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_the_prometheus_endpoint_serves_every_worker_process(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same app, with the Prometheus middleware added to its broker.
+    source = (app.directory / "tasks.py").read_text(encoding="utf-8")
+    source = source.replace(
+        "dq.set_broker(broker)",
+        "from dq.middleware.prometheus import Prometheus\n"
+        "broker.add_middleware(Prometheus())\n"
+        "dq.set_broker(broker)",
+    )
+    (app.directory / "prom_tasks.py").write_text(source, encoding="utf-8")
+    port = _free_port()
+    monkeypatch.setenv("dramatiq_prom_port", str(port))
+    monkeypatch.setenv("dramatiq_prom_host", "127.0.0.1")
+    monkeypatch.setenv("dramatiq_prom_db", str(tmp_path / "prom"))
+    cli = app.start("prom_tasks", "-p", "2", "-t", "2")
+    # Two worker processes and the exposition server's fork.
+    cli.wait_ready(3, total=2, timeout=30)
+    keys = range(40)
+    app.enqueue(keys)
+    app.wait_done(keys, timeout=30, cli=cli)
+
+    import urllib.request
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            assert reply.headers["Content-Type"].startswith("text/plain")
+            text: str = reply.read().decode()
+            return text
+
+    def counted() -> bool:
+        with contextlib.suppress(OSError):
+            return 'dramatiq_messages_total{actor_name="record",queue_name="default"} 40.0' in (
+                scrape()
+            )
+        return False
+
+    wait_for(counted, 20, "the endpoint to count 40 messages", details=cli.tail)
+    text = scrape()
+    # The multiprocess collector shows the metrics that have samples (no errors,
+    # retries, rejects or delays happened here; tests/test_prometheus.py covers them).
+    for name, kind in (
+        ("dramatiq_messages_total", "counter"),
+        ("dramatiq_messages_inprogress", "gauge"),
+        ("dramatiq_message_duration_milliseconds", "histogram"),
+    ):
+        assert f"# TYPE {name} {kind}" in text, name
+    assert 'dramatiq_message_duration_milliseconds_count{actor_name="record"' in text
+    assert cli.stop() == 0
