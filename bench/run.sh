@@ -7,6 +7,8 @@
 #   bash bench/run.sh latency [options]       latency.py, e.g. bash bench/run.sh latency --samples 500
 #   bash bench/run.sh redis [options]         redis_bench.py (RedisBroker, needs Redis on
 #                                             127.0.0.1:6379 or --url), e.g. --runs 5
+#   bash bench/run.sh cli [options]           cli_bench.py: drain through `dq` vs `dramatiq`
+#                                             on Redis (2 processes x 8 threads), worker RSS
 #
 # A first argument that is not a benchmark name (an option such as --runs) runs
 # enqueue.py with all the arguments, as run.sh always did.
@@ -58,6 +60,10 @@ case "${1:-}" in
         # Not bench/redis.py: that name would shadow the redis package (python puts
         # bench/ first on sys.path).
         script=redis_bench
+        shift
+        ;;
+    cli)
+        script=cli_bench
         shift
         ;;
 esac

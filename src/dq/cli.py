@@ -401,7 +401,8 @@ class _Supervisor:
         self.args = args
         self.context = context
         self.logger = logging.getLogger(f"{_CLI}.MainProcess")
-        self.events: Any = context.Queue()
+        # A SimpleQueue: a pipe, no feeder thread in every worker process.
+        self.events: Any = context.SimpleQueue()
         self.workers: list[BaseProcess | None] = [None] * args.processes
         self.started_at = [0.0] * args.processes
         self.restarts = [0] * args.processes
@@ -479,14 +480,14 @@ class _Supervisor:
                     self.args.worker_fork_timeout,
                 )
                 break
-            try:
-                kind, index, payload = self.events.get(timeout=min(remaining, 0.2))
-            except Exception:  # queue.Empty
+            if self.events.empty():
+                time.sleep(min(remaining, 0.02))
                 for index, process in enumerate(self.workers):
                     if process is not None and not process.is_alive() and index not in ready:
                         code = process.exitcode
                         return RET_IMPORT if code is None else _exit_code(code)
                 continue
+            kind, index, payload = self.events.get()
             if kind == "failed":
                 return int(payload)
             ready.add(index)
@@ -530,11 +531,8 @@ class _Supervisor:
             time.sleep(0.1)
 
     def _drain_events(self) -> None:
-        while True:
-            try:
-                self.events.get_nowait()
-            except Exception:  # queue.Empty
-                return
+        while not self.events.empty():
+            self.events.get()
 
     def _restart_later(self, index: int, code: int | None) -> None:
         if code == RET_RECYCLE:
