@@ -733,3 +733,30 @@ def test_the_prometheus_endpoint_serves_every_worker_process(
         assert f"# TYPE {name} {kind}" in text, name
     assert 'dramatiq_message_duration_milliseconds_count{actor_name="record"' in text
     assert cli.stop() == 0
+
+
+# -- 11. a module that sets no broker -------------------------------------------------
+
+
+def test_a_module_that_sets_no_broker_uses_dq_broker_url(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same actor, in a module that never calls set_broker.
+    (app.directory / "bare.py").write_text(
+        "import os\n"
+        "import redis\n"
+        "import dq\n"
+        f"_client = redis.Redis.from_url({REDIS_URL!r})\n"
+        f"NAMESPACE = os.environ[{NAMESPACE_ENV!r}]\n\n\n"
+        f"@dq.actor(actor_name='record', queue_name={QUEUE!r})\n"
+        "def record(key: int, sleep_ms: int = 0) -> None:\n"
+        "    _client.hincrby(NAMESPACE + ':__test__.runs', str(key), 1)\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("DQ_BROKER_URL", REDIS_URL)
+    # (Processing is not checked here: a broker made from a URL uses the default
+    # namespace, which this test must not touch.)
+    cli = app.start("bare", "-p", "1", "-t", "2")
+    cli.wait_output("sets no broker: using DQ_BROKER_URL=" + REDIS_URL)
+    cli.wait_ready(1)
+    assert cli.stop() == 0

@@ -47,7 +47,7 @@ from types import FrameType
 from typing import Any
 
 from dq import __version__
-from dq.broker import Broker, get_broker
+from dq.broker import Broker, get_broker, set_broker
 from dq.errors import BrokerConnectionError
 from dq.middleware import Middleware
 
@@ -227,10 +227,7 @@ def import_broker(value: str) -> tuple[Any, Broker]:
         try:
             return module, get_broker()
         except RuntimeError:
-            raise ImportError(
-                f"Module {value!r} sets no broker: call dq.set_broker(...) in it, or name "
-                "the broker ('module:attribute')."
-            ) from None
+            return module, _default_broker(value)
     if isinstance(target, Broker):
         return module, target
     if callable(target):
@@ -240,6 +237,38 @@ def import_broker(value: str) -> tuple[Any, Broker]:
         except RuntimeError:
             raise ImportError(f"{value!r} was called but set no broker.") from None
     raise ImportError(f"{value!r} is not a Broker.")
+
+
+#: The environment variable naming the broker when the module sets none.
+BROKER_URL_ENV = "DQ_BROKER_URL"
+#: The broker when neither the module nor DQ_BROKER_URL names one: SQLite, here.
+DEFAULT_BROKER_URL = "sqlite:///dq.sqlite3"
+
+
+def _default_broker(value: str) -> Broker:
+    """The broker for a module that set none: ``$DQ_BROKER_URL``, else SQLite in the
+    working directory (logged)."""
+    from dq.brokers import from_url  # noqa: PLC0415 - only when the module set none
+
+    logger = logging.getLogger(f"{_CLI}.MainProcess")
+    url = os.environ.get(BROKER_URL_ENV)
+    if url:
+        logger.info("Module %r sets no broker: using %s=%s.", value, BROKER_URL_ENV, url)
+    else:
+        url = DEFAULT_BROKER_URL
+        logger.info(
+            "Module %r sets no broker and %s is not set: using SQLite in %s (%s).",
+            value,
+            BROKER_URL_ENV,
+            os.path.join(os.getcwd(), "dq.sqlite3"),
+            url,
+        )
+    try:
+        broker = from_url(url)
+    except (ValueError, ImportError) as e:
+        raise ImportError(f"Cannot make the broker {url!r}: {e}") from e
+    set_broker(broker)
+    return broker
 
 
 # -- logging ---------------------------------------------------------------------------------
