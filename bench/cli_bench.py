@@ -30,6 +30,7 @@ import redis
 
 import dq
 from dq.brokers.redis import RedisBroker
+from dq.brokers.sqlite import SqliteBroker
 
 URL = "redis://127.0.0.1:6379/0"
 QUEUE = "bench"
@@ -39,8 +40,17 @@ APP = {
 import os
 import dq
 from dq.brokers.redis import RedisBroker
+from dq.brokers.sqlite import SqliteBroker
 
 dq.set_broker(RedisBroker(url={url!r}, namespace=os.environ["BENCH_NS"]))
+
+
+@dq.actor(queue_name={queue!r})
+def noop():
+    pass
+""",
+    "dq-sqlite": """\
+import dq
 
 
 @dq.actor(queue_name={queue!r})
@@ -96,11 +106,27 @@ def _fill(namespace: str, n: int) -> None:
 def _drain(library: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     conn = redis.Redis.from_url(URL)
     namespace = f"dq-bench-cli-{library}-{uuid.uuid4().hex}"
-    _fill(namespace, args.n)
-    msgs, queue = f"{namespace}:{QUEUE}.msgs", f"{namespace}:{QUEUE}"
-    assert conn.hlen(msgs) == args.n
     env = dict(os.environ, BENCH_NS=namespace, PYTHONDONTWRITEBYTECODE="1")
-    command = [sys.executable, "-m", library, "app", "-p", str(args.processes)]
+    if library == "dq-sqlite":
+        # The app sets no broker: the CLI takes DQ_BROKER_URL (SQLite in workdir).
+        database = workdir / f"{namespace}.sqlite3"
+        sqlite = SqliteBroker(str(database), middleware=[])
+        sqlite.enqueue_many(dq.Message(QUEUE, "noop", (), {}, {}) for _ in range(args.n))
+        env["DQ_BROKER_URL"] = f"sqlite:///{database}"
+
+        def left() -> int:
+            return sqlite.qsize(QUEUE)
+
+    else:
+        _fill(namespace, args.n)
+        msgs = f"{namespace}:{QUEUE}.msgs"
+
+        def left() -> int:  # a message leaves the hash when it is acked
+            return int(conn.hlen(msgs))
+
+    assert left() == args.n
+    module = "dq" if library.startswith("dq") else library
+    command = [sys.executable, "-m", module, "app", "-p", str(args.processes)]
     command += ["-t", str(args.threads)]
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -115,11 +141,11 @@ def _drain(library: str, args: argparse.Namespace, workdir: Path) -> dict[str, f
     try:
         deadline = started + args.timeout
         while time.perf_counter() < deadline:
-            left = int(conn.hlen(msgs))
+            remaining = left()
             now = time.perf_counter()
-            if not first and left < args.n:
+            if not first and remaining < args.n:
                 first = now
-            if left == 0 and conn.llen(queue) == 0:
+            if remaining == 0:
                 drained = now
                 break
             time.sleep(0.002)
@@ -137,6 +163,8 @@ def _drain(library: str, args: argparse.Namespace, workdir: Path) -> dict[str, f
         keys = list(conn.scan_iter(match=f"{namespace}:*"))
         if keys:
             conn.delete(*keys)
+        for stale in workdir.glob(f"{namespace}.sqlite3*"):
+            stale.unlink()
     return {
         "rate": args.n / (drained - first),
         "launch_to_drained": drained - started,
@@ -158,8 +186,15 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--libraries",
+        default="dq,dramatiq,dq-sqlite",
+        help="dq (RedisBroker), dramatiq (its RedisBroker), dq-sqlite (SqliteBroker by "
+        "DQ_BROKER_URL, the broker a new user gets)",
+    )
     args = parser.parse_args()
-    results: dict[str, list[dict[str, float]]] = {"dq": [], "dramatiq": []}
+    libraries = args.libraries.split(",")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in libraries}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for library, source in APP.items():
@@ -168,7 +203,7 @@ def main() -> None:
             (workdir / "app.py").write_text(source.format(url=URL, queue=QUEUE))
             dirs[library] = workdir
         for run in range(1, args.runs + 1):
-            order = ["dq", "dramatiq"] if run % 2 else ["dramatiq", "dq"]
+            order = libraries if run % 2 else libraries[::-1]
             for library in order:
                 result = _drain(library, args, dirs[library])
                 results[library].append(result)
@@ -182,8 +217,8 @@ def main() -> None:
                 )
     print()
     print(
-        f"CLI drain on Redis: N={args.n:,}, {args.processes} processes x {args.threads} "
-        f"threads, default middleware; medians (min – max) of {args.runs} runs"
+        f"CLI drain (Redis; SQLite for dq-sqlite): N={args.n:,}, {args.processes} processes "
+        f"x {args.threads} threads, default middleware; medians (min – max) of {args.runs} runs"
     )
     header = (
         f"{'':10}{'drain msgs/s':>28}{'launch->drained s':>26}{'RSS/worker MB':>24}"
