@@ -10,7 +10,7 @@ from typing import Any
 
 from dq.actor import Actor, actor
 from dq.broker import Broker, Consumer, MessageProxy, get_broker, set_broker
-from dq.composition import pipeline
+from dq.composition import group, pipeline
 from dq.encoder import Encoder, JSONEncoder, PickleEncoder
 from dq.errors import (
     ActorNotFound,
@@ -33,7 +33,7 @@ from dq.worker import ConsumerThread, Worker, WorkerThread
 
 __version__ = "0.1.0"
 
-# Sorted (ruff RUF022), not Dramatiq's order; `group` joins it with the results issue.
+# Sorted (ruff RUF022), not Dramatiq's order.
 __all__ = [
     "Actor",
     "ActorNotFound",
@@ -63,6 +63,7 @@ __all__ = [
     "get_broker",
     "get_encoder",
     "get_logger",
+    "group",
     "pipeline",
     "set_broker",
     "set_encoder",

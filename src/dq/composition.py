@@ -1,6 +1,9 @@
-"""Composition: chaining messages into pipelines.
+"""Composition: pipelines (messages chained) and groups (messages run in parallel).
 
-(`group` arrives with the results issue.)
+Fetching results (``get_result(s)``, ``completed``, ``wait``) and group completion
+callbacks need a results backend and the ``GroupCallbacks`` middleware, which arrive
+with the results issue: until then those calls raise `RuntimeError`, as Dramatiq's do
+on a broker without them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ if TYPE_CHECKING:
     from dq.broker import Broker
     from dq.message import Message
 
-__all__ = ["pipeline"]
+__all__ = ["group", "pipeline"]
 
 
 class pipeline:
@@ -90,3 +93,88 @@ class pipeline:
         effective = max(delay or 0, first.options.get("delay") or 0) or None
         self.broker.enqueue(first, delay=effective)
         return self
+
+
+class group:
+    """Messages (and pipelines, and groups) run in parallel.
+
+    Example::
+
+        dq.group([resize.message(path, 640) for path in paths]).run()
+
+    Args:
+        children: messages, pipelines and groups.
+        broker: the broker to run on; defaults to the global broker.
+
+    Raises:
+        RuntimeError: no ``broker`` was given and no global broker is set.
+    """
+
+    children: list[Message[Any] | pipeline | group]
+    completion_callbacks: list[dict[str, Any]]
+
+    def __init__(
+        self,
+        children: Iterable[Message[Any] | pipeline | group],
+        *,
+        broker: Broker | None = None,
+    ) -> None:
+        self.children = list(children)
+        self.broker: Broker = broker if broker is not None else get_broker()
+        self.completion_callbacks = []
+
+    def __len__(self) -> int:
+        """Return the number of children."""
+        return len(self.children)
+
+    def __str__(self) -> str:
+        return "group([{}])".format(", ".join(str(c) for c in self.children))
+
+    def add_completion_callback(self, message: Message[Any]) -> None:
+        """Run ``message`` once every child has completed (needs ``GroupCallbacks``)."""
+        self.completion_callbacks.append(message.asdict())
+
+    def run(self, *, delay: int | None = None) -> group:
+        """Enqueue every child message (in one batch) and run every child pipeline and
+        group, all with ``delay``; return this group.
+
+        Raises:
+            RuntimeError: completion callbacks were added: they need the
+                ``GroupCallbacks`` middleware, which dq does not provide yet.
+        """
+        if self.completion_callbacks:
+            raise RuntimeError(
+                "group completion callbacks need the GroupCallbacks middleware, which "
+                "dq does not provide yet (it arrives with results and rate limits)"
+            )
+        messages = [c for c in self.children if not isinstance(c, pipeline | group)]
+        if messages:
+            self.broker.enqueue_many(messages, delay=delay)
+        for child in self.children:
+            if isinstance(child, pipeline | group):
+                child.run(delay=delay)
+        return self
+
+    def _no_results(self) -> RuntimeError:
+        return RuntimeError(
+            "group results need a results backend (the Results middleware), which dq "
+            "does not provide yet"
+        )
+
+    @property
+    def completed(self) -> bool:
+        """Whether every child has a result (needs a results backend)."""
+        raise self._no_results()
+
+    @property
+    def completed_count(self) -> int:
+        """How many children have a result (needs a results backend)."""
+        raise self._no_results()
+
+    def get_results(self, *, block: bool = False, timeout: int | None = None) -> Any:
+        """The children's results, in order (needs a results backend)."""
+        raise self._no_results()
+
+    def wait(self, *, timeout: int | None = None) -> None:
+        """Block until every child has a result (needs a results backend)."""
+        raise self._no_results()
