@@ -1,7 +1,7 @@
 """dq's first example: actors, a broker, a worker, retries, a delay and a pipeline.
 
-Run it with ``python examples/hello.py``. It uses the in-memory StubBroker, so no
-server is needed (the embedded SQLite broker arrives in a later release). It
+Run it with ``python examples/hello.py``. It uses the in-memory StubBroker, in one
+process (``examples/shop.py`` runs an app through the ``dq`` command on SQLite). It
 enqueues the work, lets a `dq.Worker` with Dramatiq's default middleware (retries,
 age and time limits, callbacks, pipelines) drain it, and prints a summary.
 """
