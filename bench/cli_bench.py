@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -178,6 +179,39 @@ def _drain(library: str, args: argparse.Namespace, workdir: Path) -> dict[str, f
     }
 
 
+def _enqueue_rate(library: str, n: int, workdir: Path) -> float:
+    """Messages per second of a ``send`` loop (default middleware, one thread)."""
+    namespace = f"dq-bench-cli-send-{library}-{uuid.uuid4().hex}"
+    conn = redis.Redis.from_url(URL)
+    try:
+        if library == "dramatiq":
+            import dramatiq  # noqa: PLC0415 - only the benchmark venv has it
+            from dramatiq.brokers.redis import RedisBroker as DramatiqRedis  # noqa: PLC0415
+
+            broker: Any = DramatiqRedis(url=URL, namespace=namespace)
+            send = dramatiq.actor(lambda i: None, actor_name="noop", broker=broker).send
+        else:
+            if library == "dq-sqlite":
+                broker = SqliteBroker(str(workdir / f"{namespace}.sqlite3"))
+            else:
+                broker = RedisBroker(url=URL, namespace=namespace)
+            send = dq.actor(lambda i: None, actor_name="noop", broker=broker).send
+        for i in range(200):  # warm up
+            send(i)
+        began = time.perf_counter()
+        for i in range(n):
+            send(i)
+        rate = n / (time.perf_counter() - began)
+        broker.close()
+        return rate
+    finally:
+        keys = list(conn.scan_iter(match=f"{namespace}:*"))
+        if keys:
+            conn.delete(*keys)
+        for stale in workdir.glob(f"{namespace}.sqlite3*"):
+            stale.unlink()
+
+
 def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):,.1f} ({min(values):,.1f} – {max(values):,.1f})"
 
@@ -189,6 +223,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--sends", type=int, default=5000, help="messages of the send loop")
     parser.add_argument(
         "--libraries",
         default="dq,dramatiq,dq-sqlite",
@@ -215,12 +250,14 @@ def main() -> None:
             order = libraries if run % 2 else libraries[::-1]
             for library in order:
                 result = _drain(library, args, dirs[library])
+                result["send"] = _enqueue_rate(library, args.sends, dirs[library])
                 results[library].append(result)
                 print(
                     f"run {run}/{args.runs} {library:8}  drain {result['rate']:8,.0f} msgs/s  "
                     f"launch->drained {result['launch_to_drained']:6.2f} s  "
                     f"boot {result['boot']:5.2f} s  "
-                    f"RSS/worker {result['rss_mb']:6.1f} MB  USS/worker {result['uss_mb']:6.1f} MB "
+                    f"send {result['send']:7,.0f}/s  RSS/worker {result['rss_mb']:6.1f} MB  "
+                    f"USS/worker {result['uss_mb']:6.1f} MB "
                     f"({result['processes']:.0f} workers)",
                     flush=True,
                 )
@@ -231,7 +268,7 @@ def main() -> None:
     )
     header = (
         f"{'':10}{'drain msgs/s':>28}{'launch->drained s':>26}{'RSS/worker MB':>24}"
-        f"{'USS/worker MB':>24}"
+        f"{'USS/worker MB':>24}{'send msgs/s':>30}"
     )
     print(header)
     for library, runs in results.items():
@@ -240,6 +277,7 @@ def main() -> None:
             f"{_summary([r['launch_to_drained'] for r in runs]):>26}"
             f"{_summary([r['rss_mb'] for r in runs]):>24}"
             f"{_summary([r['uss_mb'] for r in runs]):>24}"
+            f"{_summary([r['send'] for r in runs]):>30}"
         )
     if "dramatiq" not in results:
         return
@@ -249,10 +287,12 @@ def main() -> None:
         pairs = list(zip(results[name], results["dramatiq"], strict=True))
         ratios = [d["rate"] / m["rate"] for d, m in pairs]
         rss = [d["rss_mb"] / m["rss_mb"] for d, m in pairs]
+        sends = [d["send"] / m["send"] for d, m in pairs]
         print(
             f"{name}/dramatiq drain {statistics.median(ratios):.2f}x (per run "
             f"{min(ratios):.2f}–{max(ratios):.2f}; target >= {target})   RSS "
-            f"{statistics.median(rss):.2f}x (target <= 1.0x)"
+            f"{statistics.median(rss):.2f}x (target <= 1.0x)   send "
+            f"{statistics.median(sends):.2f}x ({min(sends):.2f}–{max(sends):.2f})"
         )
 
 
