@@ -10,6 +10,7 @@ from dq.core import commands, effects, events, policy
 from dq.core._frozendict import EMPTY, FrozenDict, freeze
 from dq.core.commands import (
     Ack,
+    AckMany,
     Command,
     DeclareQueue,
     Enqueue,
@@ -41,6 +42,7 @@ __all__ = [
     "JSON",
     "TRANSITIONS",
     "Ack",
+    "AckMany",
     "BrokerState",
     "Command",
     "CoreError",

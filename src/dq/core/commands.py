@@ -57,6 +57,20 @@ class Ack:
 
 
 @attrs.frozen
+class AckMany:
+    """Settle several reserved entries as done, in one step: the same as an `Ack` of
+    each, in order (same state, effects and events), for interpreters that commit
+    acks in groups. Subject: the entries; every one must be reserved or held, and
+    named once.
+
+    Attributes:
+        seqs: the entries, in the order they were acked.
+    """
+
+    seqs: tuple[int, ...]
+
+
+@attrs.frozen
 class Nack:
     """Settle a reserved entry as failed: dead-letter it. Subject: the entry.
 
@@ -119,7 +133,17 @@ class Release:
 
 
 Command: TypeAlias = (
-    DeclareQueue | Enqueue | Reserve | Ack | Nack | Requeue | Promote | Flush | FlushAll | Release
+    DeclareQueue
+    | Enqueue
+    | Reserve
+    | Ack
+    | AckMany
+    | Nack
+    | Requeue
+    | Promote
+    | Flush
+    | FlushAll
+    | Release
 )
 
 #: Every command type, in a stable order (the property tests walk it).
@@ -128,6 +152,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     Enqueue,
     Reserve,
     Ack,
+    AckMany,
     Nack,
     Requeue,
     Promote,

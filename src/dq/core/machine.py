@@ -43,7 +43,9 @@ The life of a message::
 
     Flush drops READY, DELAYED and DEAD-LETTERED entries of a queue; RESERVED and
     HELD entries stay with their consumers. Release returns everything a consumer
-    holds to READY / DELAYED (it closed or died).
+    holds to READY / DELAYED (it closed or died). AckMany is an Ack of each of
+    several entries in one step (group commit); its subject is the batch, RESERVED
+    (or HELD, when all are) only if every entry in it is, each named once.
 
 Statuses a command can observe are the rows of the table: a queue is UNDECLARED or
 DECLARED; an entry is RESERVED (taken from ``q``), HELD (taken from ``q.DQ``) or
@@ -128,15 +130,44 @@ def _entry_status(state: BrokerState, seq: int) -> Status:
     return Status.RESERVED
 
 
+def _subject_entry_status(state: BrokerState, command: Any) -> Status:
+    """`_entry_status` of an entry command's ``seq`` (one call less per settle)."""
+    reservation = state.reserved.get(command.seq)
+    if reservation is None:
+        return Status.UNRESERVED
+    if reservation.entry.queue_name.endswith(DELAY_SUFFIX):
+        return Status.HELD
+    return Status.RESERVED
+
+
+def _subject_entries_status(state: BrokerState, command: c.AckMany) -> Status:
+    """The status of a batch of entries: UNRESERVED if one is not reserved, is named
+    twice, or there is none; else HELD if every one is held; else RESERVED."""
+    reserved = state.reserved
+    seen: set[int] = set()
+    held = True
+    for seq in command.seqs:
+        reservation = reserved.get(seq)
+        if reservation is None or seq in seen:
+            return Status.UNRESERVED
+        seen.add(seq)
+        if held and not reservation.entry.queue_name.endswith(DELAY_SUFFIX):
+            held = False
+    if not seen:
+        return Status.UNRESERVED
+    return Status.HELD if held else Status.RESERVED
+
+
 _SUBJECT: dict[type[c.Command], Callable[[BrokerState, Any], Status]] = {
     c.DeclareQueue: lambda s, cmd: _queue_status(s, cmd.queue_name),
     c.Enqueue: lambda s, cmd: _queue_status(s, cmd.message.queue_name),
     c.Reserve: lambda s, cmd: _queue_status(s, cmd.queue_name),
     c.Flush: lambda s, cmd: _queue_status(s, cmd.queue_name),
-    c.Ack: lambda s, cmd: _entry_status(s, cmd.seq),
-    c.Nack: lambda s, cmd: _entry_status(s, cmd.seq),
-    c.Requeue: lambda s, cmd: _entry_status(s, cmd.seq),
-    c.Promote: lambda s, cmd: _entry_status(s, cmd.seq),
+    c.Ack: _subject_entry_status,
+    c.AckMany: _subject_entries_status,
+    c.Nack: _subject_entry_status,
+    c.Requeue: _subject_entry_status,
+    c.Promote: _subject_entry_status,
     c.FlushAll: lambda s, cmd: Status.OPEN,
     c.Release: lambda s, cmd: Status.OPEN,
 }
@@ -195,19 +226,15 @@ def _reserve(state: BrokerState, command: c.Reserve) -> Step:
     waiting = queue.delayed if from_delay else queue.ready
     if not waiting or command.limit <= 0:
         return Step(state)
-    taken: list[Entry] = []
-    reserved = state.reserved
-    while waiting and len(taken) < command.limit:
-        row, waiting = waiting.pop()
-        entry = Entry.from_row(row)
-        taken.append(entry)
-        reserved = reserved.insert(entry.seq, Reservation(entry, command.consumer))
-    in_flight = queue.in_flight + len(taken)
+    rows, waiting = waiting.take(command.limit)
+    entries = tuple([Entry(*row) for row in rows])  # Entry.from_row, inlined
+    consumer = command.consumer
+    reserved = state.reserved.update({entry.seq: Reservation(entry, consumer) for entry in entries})
+    in_flight = queue.in_flight + len(entries)
     if from_delay:
         queue = QueueState(name, queue.ready, waiting, in_flight, queue.dead)
     else:
         queue = QueueState(name, waiting, queue.delayed, in_flight, queue.dead)
-    entries = tuple(taken)
     return Step(
         BrokerState(state.queues.insert(name, queue), reserved, state.next_seq),
         (fx.Deliver(command.consumer, entries),),
@@ -225,16 +252,45 @@ def _settle(state: BrokerState, seq: int) -> tuple[Entry, QueueState]:
 
 
 def _ack(state: BrokerState, command: c.Ack) -> Step:
-    entry, queue = _settle(state, command.seq)
+    # _settle, inlined: the hottest transition.
+    seq = command.seq
+    entry = state.reserved[seq].entry
+    name = entry.queue_name
+    if name.endswith(DELAY_SUFFIX):  # reserved entries come from q or q.DQ
+        name = name[:-3]
+    queues = state.queues
+    queue = queues[name]
+    queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
     return Step(
-        BrokerState(
-            state.queues.insert(queue.name, queue),
-            state.reserved.remove(command.seq),
-            state.next_seq,
-        ),
+        BrokerState(queues.insert(name, queue), state.reserved.remove(seq), state.next_seq),
         (fx.Forget(entry),),
         (ev.Acked(entry),),
     )
+
+
+def _ack_many(state: BrokerState, command: c.AckMany) -> Step:
+    # An Ack of each, in order, with one new queue state per queue and one step.
+    reserved = state.reserved
+    settled: dict[str, int] = {}  # canonical queue name -> entries acked
+    effects: list[fx.Effect] = []
+    events: list[ev.Event] = []
+    for seq in command.seqs:
+        entry = reserved[seq].entry
+        reserved = reserved.remove(seq)
+        name = entry.queue_name
+        if name.endswith(DELAY_SUFFIX):
+            name = name[:-3]
+        settled[name] = settled.get(name, 0) + 1
+        effects.append(fx.Forget(entry))
+        events.append(ev.Acked(entry))
+    queues = state.queues
+    for name, count in settled.items():
+        queue = queues[name]
+        queues = queues.insert(
+            name,
+            QueueState(name, queue.ready, queue.delayed, queue.in_flight - count, queue.dead),
+        )
+    return Step(BrokerState(queues, reserved, state.next_seq), tuple(effects), tuple(events))
 
 
 def _nack(state: BrokerState, command: c.Nack) -> Step:
@@ -370,6 +426,8 @@ TRANSITIONS: dict[tuple[Status, type[c.Command]], Handler] = {
     (Status.DECLARED, c.Flush): _flush,
     (Status.RESERVED, c.Ack): _ack,
     (Status.HELD, c.Ack): _ack,
+    (Status.RESERVED, c.AckMany): _ack_many,
+    (Status.HELD, c.AckMany): _ack_many,
     (Status.RESERVED, c.Nack): _nack,
     (Status.HELD, c.Nack): _nack,
     (Status.RESERVED, c.Requeue): _requeue,

@@ -63,6 +63,23 @@ class PQueue(Generic[T]):
                 raise IndexError("pop from an empty PQueue")
         return front[0], PQueue._make(front[1], back, self._size - 1)
 
+    def take(self, n: int) -> tuple[list[T], PQueue[T]]:
+        """Return the first ``n`` items (all of them if there are fewer), oldest first,
+        and the queue without them: ``pop`` ``n`` times, in one call."""
+        front, back = self._front, self._back
+        count = min(n, self._size)
+        items: list[T] = []
+        append = items.append
+        for _ in range(count):
+            if front is None:
+                while back is not None:
+                    front = (back[0], front)
+                    back = back[1]
+                assert front is not None  # count <= size: an item is left
+            append(front[0])
+            front = front[1]
+        return items, PQueue._make(front, back, self._size - len(items))
+
     def __len__(self) -> int:
         return self._size
 
