@@ -171,6 +171,64 @@ def test_settling_twice_raises() -> None:
         consumer.ack(MessageProxy(msg()))
 
 
+def test_acks_are_committed_in_groups_and_nothing_can_tell() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    for n in range(4):
+        broker.enqueue(msg("default", n))
+    consumer = broker.consume("default", prefetch=4, timeout=10)
+    held = [next(consumer) for _ in range(4)]
+    consumer.ack(held[0])
+    consumer.ack(held[1])
+    # Recorded, not applied yet; every read applies them first.
+    assert broker._acks == [held[0]._tag, held[1]._tag]
+    queue = broker.state.queues["default"]
+    assert broker._acks == []
+    assert queue.in_flight == 2 and queue.pending == 2
+    assert set(broker.state.reserved.keys()) == {p._tag for p in held[2:]}
+    # An ack of an entry acked and not applied yet is refused at once, as before.
+    consumer.ack(held[2])
+    with pytest.raises(InvalidTransition):
+        consumer.ack(held[2])
+    # Other commands see the recorded acks first: a nack after an ack.
+    consumer.nack(held[3])
+    assert broker.state.queues["default"].pending == 0
+    assert [d.args for d in broker.dead_letters] == [(3,)]
+    broker.join("default", timeout=1000, fail_fast=False)
+
+
+def test_the_ack_that_drains_a_joined_queue_wakes_the_join() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    for n in range(3):
+        broker.enqueue(msg("default", n))
+    consumer = broker.consume("default", prefetch=3, timeout=10)
+    held = [next(consumer) for _ in range(3)]
+    consumer.ack(held[0])
+
+    def ack_the_rest() -> None:
+        for proxy in held[1:]:
+            consumer.ack(proxy)
+
+    threading.Timer(0.05, ack_the_rest).start()
+    started = time.monotonic()
+    broker.join("default", timeout=5000)
+    assert time.monotonic() - started < 2
+    assert broker.state.queues["default"].pending == 0
+
+
+def test_closing_a_consumer_applies_its_acks_first() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("default")
+    for n in range(2):
+        broker.enqueue(msg("default", n))
+    consumer = broker.consume("default", prefetch=2, timeout=10)
+    first, _ = next(consumer), next(consumer)
+    consumer.ack(first)
+    consumer.close()
+    assert [p.args for p in broker.consume("default", timeout=10)] == [(1,)]
+
+
 def test_requeue_returns_messages_to_the_tail() -> None:
     broker = StubBroker(middleware=[])
     broker.declare_queue("default")

@@ -5,6 +5,13 @@ command, applies it with `dq.core.apply`, stores the new state, wakes whoever wa
 on it and turns the step's events into middleware hooks. Its storage *is* the state
 value, so the step's effects need no I/O. Reads (``join``, queue sizes) look at the
 current value without copying anything: it is immutable.
+
+Acks are committed in groups: an ack of a reserved entry is recorded under the lock
+(and its consumer's prefetch slot freed at once), and the recorded acks are applied
+as one `dq.core.AckMany` step by whatever next touches the state: any other command,
+a reservation, a join, a read of `StubBroker.state`, or the ack that drains a queue
+someone joins. Nothing can observe the state between, so this is the same as
+applying each ack at once, for a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.core import (
     Ack,
+    AckMany,
     BrokerState,
     Command,
     DeclareQueue,
@@ -53,32 +61,48 @@ __all__ = ["StubBroker"]
 M = TypeVar("M", bound=Message[Any])
 
 _consumer_ids = itertools.count(1)
+_allocate_lock = threading.Lock
 
 
 class _Signal:
-    """A condition on the broker's lock that knows whether anyone waits on it."""
+    """A condition on the broker's lock that knows whether anyone waits on it.
 
-    __slots__ = ("_all", "_cond", "_waiters")
+    `threading.Condition`'s protocol, without its generality: a waiter parks on a
+    lock of its own, which ``notify_all`` releases.
+    """
+
+    __slots__ = ("_all", "_lock", "_parked", "_waiters")
 
     def __init__(self, lock: threading.Lock, waiting: list[int]) -> None:
-        self._cond = threading.Condition(lock)
+        self._lock = lock
+        self._parked: list[threading.Lock] = []  # waiters not notified yet
         self._waiters = 0
         self._all = waiting  # the broker's count of waiters on all its signals
 
     def wait(self, timeout: float | None) -> None:
-        """Wait to be woken or for ``timeout`` seconds (call with the lock held)."""
+        """Wait to be woken or for ``timeout`` seconds (call with the lock held; it
+        is released while waiting and held again on return)."""
+        park = _allocate_lock()
+        park.acquire()
+        self._parked.append(park)
         self._waiters += 1
         self._all[0] += 1
+        self._lock.release()
         try:
-            self._cond.wait(timeout)
+            park.acquire(True, -1 if timeout is None else timeout)
         finally:
+            self._lock.acquire()
             self._waiters -= 1
             self._all[0] -= 1
+            if self._parked and park in self._parked:  # timed out: not notified
+                self._parked.remove(park)
 
     def notify_all(self) -> None:
         """Wake every waiter, if any (call with the lock held)."""
-        if self._waiters:
-            self._cond.notify_all()
+        if self._parked:
+            for park in self._parked:
+                park.release()
+            self._parked.clear()
 
 
 class StubQueue:
@@ -129,6 +153,11 @@ class StubBroker(Broker):
         self._signals: dict[str, _Signal] = {}
         self._waiting = [0]  # threads waiting on any signal (skip signalling when 0)
         self._settled = _Signal(self._lock, self._waiting)
+        # Acks recorded and not applied yet (see the module docstring): their seqs in
+        # order, the same as a set, and how many there are per canonical queue.
+        self._acks: list[int] = []
+        self._acked: set[int] = set()
+        self._acks_by_queue: dict[str, int] = {}
         self.dead_letters_by_queue: defaultdict[str, list[MessageProxy]] = defaultdict(list)
         self.fail_fast_default = fail_fast_default
         self._dead_letters_raised: dict[str, int] = {}  # by queue: raised by a join
@@ -139,7 +168,47 @@ class StubBroker(Broker):
     @property
     def state(self) -> BrokerState:
         """The current core state (an immutable value: safe to read at any time)."""
+        if self._acks:
+            with self._lock:
+                self._flush_acks()
         return self._state
+
+    def _record_ack(self, seq: int) -> bool:
+        """Record an ack of ``seq`` to apply later; return False (recording nothing)
+        when the core would refuse it, so the caller applies it now and gets the
+        error. Call with the lock held.
+
+        `Ack` is valid exactly for a reserved or held entry (its rows in the table), so
+        a reservation not acked already is the test.
+        """
+        reservation = self._state.reserved.get(seq)
+        if reservation is None or seq in self._acked:
+            return False
+        name = reservation.entry.queue_name
+        if name.endswith(policy.DELAY_SUFFIX):
+            name = name[:-3]
+        self._acks.append(seq)
+        self._acked.add(seq)
+        count = self._acks_by_queue.get(name, 0) + 1
+        self._acks_by_queue[name] = count
+        if self._settled._waiters:
+            # A join waits: apply the acks now if this one drains the queue.
+            queue = self._state.queues[name]
+            if queue.in_flight == count and queue.pending == count:
+                self._flush_acks()
+        return True
+
+    def _flush_acks(self) -> None:
+        """Apply the recorded acks in one step (call with the lock held)."""
+        if not self._acks:
+            return
+        step = apply(self._state, AckMany(tuple(self._acks)))
+        self._state = step.state
+        self._acks = []
+        self._acked.clear()
+        self._acks_by_queue.clear()
+        if self._waiting[0]:
+            self._signal(step.effects)
 
     def _apply(self, command: Command, then: Callable[[], None] | None = None) -> Step:
         """Apply ``command`` under the lock, store the new state and wake waiters.
@@ -152,6 +221,8 @@ class StubBroker(Broker):
             InvalidTransition: any other command the core refuses.
         """
         with self._lock:
+            if self._acks:
+                self._flush_acks()
             try:
                 step = apply(self._state, command)
             except InvalidTransition as e:
@@ -175,14 +246,18 @@ class StubBroker(Broker):
     def _signal(self, effects: tuple[Effect, ...]) -> None:
         """Wake whoever waits on what ``effects`` changed (call with the lock held)."""
         for effect in effects:
-            if isinstance(effect, PushReady | PushDelayed):
+            kind = type(effect)
+            if kind is PushReady or kind is PushDelayed:
+                assert isinstance(effect, PushReady | PushDelayed)
                 signal = self._signals.get(effect.row[1])
                 if signal is not None:
                     signal.notify_all()
-            elif isinstance(effect, Forget | DeadLetter | Purge):
+            elif self._settled._waiters and (kind is Forget or kind is DeadLetter or kind is Purge):
+                assert isinstance(effect, Forget | DeadLetter | Purge)
                 # Joins wait for a queue to drain: wake them only when it has.
                 name = effect.queue_name if isinstance(effect, Purge) else effect.entry.queue_name
-                if not self._state.queues[policy.q_name(name)].pending:
+                queue = self._state.queues[policy.q_name(name)]
+                if not queue.in_flight and not queue.pending:  # in_flight: the cheap test
                     self._settled.notify_all()
 
     # -- Broker API --------------------------------------------------------------------
@@ -306,7 +381,10 @@ class StubBroker(Broker):
         should_fail_fast = self.fail_fast_default if fail_fast is None else fail_fast
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         with self._lock:
-            while pending(self._state, name):
+            while True:
+                self._flush_acks()
+                if not pending(self._state, name):
+                    break
                 if deadline is None:
                     self._settled.wait(None)
                     continue
@@ -362,15 +440,17 @@ class _StubConsumer(Consumer):
 
     def __next__(self) -> MessageProxy:
         broker = self.broker
-        signal = broker._signal_of(self.queue_name)
-        deadline = time.monotonic() + self.timeout / 1000
+        buffer = self._buffer
+        deadline: float | None = None  # read the clock only when there is a wait
         while True:
             with broker._lock:
-                while not self._buffer:
+                while not buffer:
                     if self._closed:
                         raise StopIteration
                     room = self.prefetch - self._outstanding
                     if room >= self._min_batch:
+                        if broker._acks:
+                            broker._flush_acks()
                         step = apply(
                             broker._state, Reserve(self.queue_name, self.consumer_id, room)
                         )
@@ -378,14 +458,16 @@ class _StubConsumer(Consumer):
                             broker._state = step.state
                             (event,) = step.events
                             assert isinstance(event, ev.Reserved)
-                            self._buffer.extend(event.entries)
+                            buffer.extend(event.entries)
                             self._outstanding += len(event.entries)
                             break
+                    if deadline is None:
+                        deadline = time.monotonic() + self.timeout / 1000
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise StopIteration
-                    signal.wait(remaining)
-                entry = self._buffer.popleft()
+                    broker._signal_of(self.queue_name).wait(remaining)
+                entry = buffer.popleft()
             try:
                 message = decode_message(entry.payload, _message.global_encoder, Message)
             except DecodeError as e:
@@ -397,6 +479,11 @@ class _StubConsumer(Consumer):
             proxy._tag = entry.seq
             return proxy
 
+    def buffered(self) -> int:
+        """How many reserved messages wait in memory for ``next()`` (it returns them
+        without waiting); the worker's consumer thread reads it."""
+        return len(self._buffer)
+
     def _settle(self, command: Command, dead: MessageProxy | None = None) -> Step:
         """Apply a settling command and free its prefetch slot, atomically.
 
@@ -405,6 +492,8 @@ class _StubConsumer(Consumer):
         """
         broker = self.broker
         with broker._lock:
+            if broker._acks:
+                broker._flush_acks()
             step = apply(broker._state, command)
             broker._state = step.state
             if dead is not None:
@@ -413,7 +502,7 @@ class _StubConsumer(Consumer):
             if self._outstanding == self.prefetch - self._min_batch:
                 # Room for a batch again: wake this queue's consumers (this one).
                 broker._signal_of(self.queue_name).notify_all()
-            if step.effects:
+            if broker._waiting[0]:  # someone waits on a signal: see whom to wake
                 broker._signal(step.effects)
         return step
 
@@ -424,7 +513,16 @@ class _StubConsumer(Consumer):
             InvalidTransition: it is not reserved (already settled, requeued, or
                 never delivered by a consumer of this broker).
         """
-        self._settle(Ack(_seq(message)))
+        seq = _seq(message)
+        broker = self.broker
+        with broker._lock:
+            if broker._record_ack(seq):  # applied with the next step (group commit)
+                self._outstanding -= 1
+                if self._outstanding == self.prefetch - self._min_batch:
+                    # Room for a batch again: wake this queue's consumers (this one).
+                    broker._signal_of(self.queue_name).notify_all()
+                return
+        self._settle(Ack(seq))  # the core refuses it: raise its error
 
     def nack(self, message: MessageProxy) -> None:
         """Dead-letter ``message``.
@@ -461,6 +559,7 @@ class _StubConsumer(Consumer):
             if self._closed:
                 return
             self._closed = True
+            broker._flush_acks()
             step = apply(broker._state, Release(self.consumer_id))
             broker._state = step.state
             self._outstanding = 0
