@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue as stdlib_queue
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import dq
 from dq import Worker
 from dq.brokers.stub import StubBroker
 from dq.middleware import Middleware
+from dq.worker import WorkQueue
 
 
 @pytest.fixture
@@ -397,3 +399,90 @@ def test_stop_after_waiting_for_a_delayed_message_does_not_hang() -> None:
         stopper.start()
         stopper.join(10)
         assert not stopper.is_alive(), "Worker.stop() hung"
+
+
+# -- WorkQueue ---------------------------------------------------------------------------
+
+
+def _proxy(n: int) -> dq.MessageProxy:
+    return dq.MessageProxy(dq.Message("default", "f", (n,), {}, {}))
+
+
+class _Consumer(dq.broker.Consumer):
+    def __next__(self) -> dq.MessageProxy:
+        raise StopIteration
+
+    def ack(self, message: dq.MessageProxy) -> None:
+        pass
+
+    def nack(self, message: dq.MessageProxy) -> None:
+        pass
+
+
+def test_work_queue_orders_by_priority_then_arrival_and_counts_unfinished() -> None:
+    queue, consumer = WorkQueue(), _Consumer()
+    for priority, n in ((1, 0), (0, 1), (1, 2), (0, 3)):
+        queue.put(priority, _proxy(n), consumer)
+    taken = [queue.get(0.01)[2].args[0] for _ in range(4)]
+    assert taken == [1, 3, 0, 2]
+    assert queue.unfinished_tasks == 4
+    queue.task_done()
+    with pytest.raises(stdlib_queue.Empty):
+        queue.get(0.01, done=True)  # marks one more done, then finds nothing
+    assert queue.unfinished_tasks == 2
+
+
+def test_work_queue_wake_reaches_a_thread_about_to_wait() -> None:
+    queue = WorkQueue()
+    queue.wake(1)  # nobody waits yet: the next get returns at once
+    started = time.monotonic()
+    with pytest.raises(stdlib_queue.Empty):
+        queue.get(5)
+    assert time.monotonic() - started < 1
+
+
+def test_a_burst_wakes_parked_threads_in_a_chain_so_blocking_actors_run_in_parallel() -> None:
+    queue, consumer = WorkQueue(), _Consumer()
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work() -> None:
+        while True:
+            try:
+                _, _, message, _ = queue.get(2)
+            except stdlib_queue.Empty:
+                return
+            if message.args[0] < 0:
+                return
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.2)  # blocks, releasing the GIL
+            with lock:
+                running[0] -= 1
+            queue.task_done()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)  # all parked
+    for n in range(4):
+        queue.put(0, _proxy(n), consumer, wake=False)
+    queue.notify()  # one wake-up; each thread that takes an item wakes the next
+    queue.join()
+    for _ in range(4):
+        queue.put(0, _proxy(-1), consumer)
+    for thread in threads:
+        thread.join(5)
+    assert peak[0] == 4
+
+
+def test_wait_drained_returns_once_a_consumers_items_are_taken() -> None:
+    queue, mine, other = WorkQueue(), _Consumer(), _Consumer()
+    queue.wait_drained(mine, 5)  # nothing of it waits: returns at once
+    queue.put(0, _proxy(0), mine)
+    queue.put(1, _proxy(1), other)
+    threading.Timer(0.05, queue.get_nowait).start()
+    started = time.monotonic()
+    queue.wait_drained(mine, 5)
+    assert time.monotonic() - started < 2
+    assert queue.qsize() == 1  # the other consumer's item is still there

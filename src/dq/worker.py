@@ -22,7 +22,8 @@ import queue as _queue
 import threading
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast, runtime_checkable
 
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
@@ -30,7 +31,9 @@ from dq.common import getenv_int
 from dq.core import InvalidValue, policy
 from dq.errors import ActorNotFound, BrokerConnectionError, RateLimitExceeded, Retry
 from dq.logging import get_logger
-from dq.middleware import Middleware, SkipMessage
+from dq.middleware import Middleware, MiddlewareError, SkipMessage
+
+_allocate_lock = threading.Lock
 
 if TYPE_CHECKING:
     from dq.message import Message
@@ -69,6 +72,43 @@ _logger = get_logger(__name__)
 @runtime_checkable
 class _Promoting(Protocol):
     def promote(self, message: MessageProxy) -> Message[Any]: ...
+
+
+#: (consumer class, protocol) -> whether the class implements the protocol's methods.
+_IMPLEMENTS: dict[tuple[type, type], bool] = {}
+
+
+def _implements(kind: type, protocol: type) -> bool:
+    """``issubclass(kind, protocol)`` for a runtime-checkable protocol of methods, cached:
+    the check itself walks the protocol's members every time (about 7 µs), and runs
+    for every message."""
+    key = (kind, protocol)
+    known = _IMPLEMENTS.get(key)
+    if known is None:
+        known = _IMPLEMENTS[key] = issubclass(kind, protocol)
+    return known
+
+
+def _can_promote(consumer: Consumer) -> TypeGuard[_Promoting]:
+    return _implements(type(consumer), _Promoting)
+
+
+@runtime_checkable
+class _Buffering(Protocol):
+    def buffered(self) -> int: ...
+
+
+def _nothing_buffered() -> int:
+    return 0
+
+
+def _buffered_of(consumer: Consumer) -> Callable[[], int]:
+    """A function returning how many messages ``consumer`` holds in memory, ready to
+    hand out without waiting (the next ``next()`` calls return them at once); it
+    returns 0 if the consumer cannot tell."""
+    if _implements(type(consumer), _Buffering):
+        return cast("_Buffering", consumer).buffered
+    return _nothing_buffered
 
 
 def has_results_middleware(broker: Broker) -> bool:
@@ -110,16 +150,25 @@ def process_message(
         message.stuff_exception(e)
         message.fail()
         return
-    try:
-        if hooks.before_process_message:
-            broker._run_before(hooks.before_process_message, message)
-    except SkipMessage:
-        logger.warning("Message %s was skipped.", message)
-        broker._run_after(hooks.after_skip_message, message)
-        return
+    # The hooks are called here rather than through Broker._run_before/_run_after
+    # (same order, same error handling): this runs for every message.
+    before = hooks.before_process_message
+    if before:
+        try:
+            for hook in before:
+                try:
+                    hook(broker, message)
+                except MiddlewareError:
+                    raise
+                except Exception:
+                    broker._log_hook_failure(hook)
+        except SkipMessage:
+            logger.warning("Message %s was skipped.", message)
+            broker._run_after(hooks.after_skip_message, message)
+            return
     result: Any = None
     exception: BaseException | None = None
-    if not message.failed:
+    if not message._failed:
         try:
             result = actor(*message.args, **message.kwargs)
         except BaseException as e:
@@ -127,8 +176,8 @@ def process_message(
             message.stuff_exception(e)
             _log_failure(broker, message, e, logger)
     if (
-        exception is None
-        and result is not None
+        result is not None
+        and exception is None
         and "pipe_target" not in message.options
         and not has_results_middleware(broker)
     ):
@@ -137,8 +186,11 @@ def process_message(
             "middleware, so the value was discarded.",
             message.actor_name,
         )
-    if hooks.after_process_message:
-        broker._run_after(hooks.after_process_message, message, result=result, exception=exception)
+    for after in hooks.after_process_message:
+        try:
+            after(broker, message, result=result, exception=exception)
+        except Exception:
+            broker._log_hook_failure(after)
 
 
 def _log_failure(
@@ -168,9 +220,9 @@ def mark_started(
 ) -> None:
     """Tell a consumer that can track it (Redis) that ``message`` starts running now,
     so a message that kills its process is recognised (``max_deliveries``)."""
-    if isinstance(consumer, _Starting):
+    if _implements(type(consumer), _Starting):  # cached: this runs for every message
         try:
-            consumer.started(message)
+            cast("_Starting", consumer).started(message)
         except BrokerConnectionError:
             logger.warning("Could not record that message %s started.", message.message_id)
 
@@ -185,16 +237,17 @@ def settle(broker: Broker, consumer: Consumer, message: MessageProxy) -> None:
         BrokerConnectionError: the broker could not be reached (nothing was settled).
     """
     hooks = broker._hooks
-    if message.redelivery_requested:
+    # The proxy's flags, read directly (redelivery_requested, failed, replacement).
+    if message._redeliver:
         consumer.requeue([message])
-    elif message.failed:
+    elif message._failed:
         broker._run_before(hooks.before_nack, message)
         consumer.nack(message)
         broker._run_after(hooks.after_nack, message)
     else:
         if hooks.before_ack:
             broker._run_before(hooks.before_ack, message)
-        replacement = message.replacement
+        replacement = message._replacement
         if replacement is None:
             consumer.ack(message)
         elif not _replace(broker, consumer, message, *replacement):
@@ -208,12 +261,16 @@ class _Replacing(Protocol):
     def replace(self, message: MessageProxy, new: Message[Any], delay: int | None) -> Any: ...
 
 
+def _can_replace(consumer: Consumer) -> TypeGuard[_Replacing]:
+    return _implements(type(consumer), _Replacing)
+
+
 def _replace(
     broker: Broker, consumer: Consumer, message: MessageProxy, new: Message[Any], delay: int | None
 ) -> bool:
     """Store ``new`` and ack ``message``; return False if ``new`` could not be stored
     (then ``message`` was returned to its queue instead)."""
-    if isinstance(consumer, _Replacing):
+    if _can_replace(consumer):
         consumer.replace(message, new, delay)  # one atomic step
         return True
     try:
@@ -238,42 +295,88 @@ _WorkItem = tuple[int, int, MessageProxy, Consumer]
 class WorkQueue:
     """The worker's in-memory queue: lowest actor priority first, then arrival order.
 
-    Items sit in a heap under a plain lock; idle worker threads block on a C-level
-    `queue.SimpleQueue` holding one token per item, so a put wakes exactly one idle
-    thread with none of `queue.PriorityQueue`'s Python-level condition bookkeeping.
-    ``join`` waits until every item taken was marked done (`task_done`).
+    Items sit in a heap under a plain lock. An idle worker thread parks on a lock of
+    its own; a put wakes one parked thread only when no other is already on its way,
+    and a thread that takes an item wakes the next parked one while items are left (a
+    chain), so that items behind an actor that blocks are taken by other threads. A
+    burst of puts thus wakes threads one at a time, as fast as they get going, rather
+    than one per item (each wake-up is a context switch, and under the GIL most of
+    them would only find the items taken already). Parked threads are woken last-in,
+    first-out: the threads that just ran stay the busy ones. ``join`` waits until
+    every item taken was marked done (`task_done`).
     """
 
     def __init__(self) -> None:
         self._heap: list[_WorkItem] = []
         self._arrivals = itertools.count()  # the FIFO tie-break, shared by all consumers
         self._lock = threading.Lock()
-        self._tokens: _queue.SimpleQueue[None] = _queue.SimpleQueue()
+        self._parked: list[threading.Lock] = []  # idle threads' locks (held), a stack
+        self._waking = 0  # threads unparked and not yet back in `get`'s locked section
+        self._wakes = 0  # `wake` calls not yet taken by a thread (each raises Empty once)
+        self._queued: dict[Consumer, int] = {}  # items waiting here, by consumer
+        self._drain_waiters: dict[Consumer, threading.Lock] = {}  # see wait_drained
         self._unfinished = 0
         self._all_done = threading.Condition(threading.Lock())
         self._joining = 0  # threads in join(): task_done notifies only when some wait
 
-    def put(self, priority: int, message: MessageProxy, consumer: Consumer) -> None:
-        """Add a message and wake one idle worker thread.
+    def put(
+        self, priority: int, message: MessageProxy, consumer: Consumer, *, wake: bool = True
+    ) -> None:
+        """Add a message and, if no thread is already on its way, wake one idle thread.
 
         Messages are ordered by ``priority`` (lower first), then by when they were
-        put here, whichever consumer they come from.
+        put here, whichever consumer they come from. With ``wake=False`` nobody is
+        woken: the caller puts more at once and then calls `notify`.
         """
         item = (priority, next(self._arrivals), message, consumer)
         with self._lock:
             heapq.heappush(self._heap, item)
             self._unfinished += 1
-        self._tokens.put(None)
+            queued = self._queued
+            queued[consumer] = queued.get(consumer, 0) + 1
+            if wake and self._parked and not self._waking:
+                self._waking = 1
+                self._parked.pop().release()
 
-    def get(self, timeout: float | None = None) -> _WorkItem:
+    def notify(self) -> None:
+        """Wake one idle thread if items wait and no thread is already on its way."""
+        with self._lock:
+            if self._heap and self._parked and not self._waking:
+                self._waking = 1
+                self._parked.pop().release()
+
+    def get(self, timeout: float | None = None, *, done: bool = False) -> _WorkItem:
         """Take the first item, waiting up to ``timeout`` seconds.
+
+        With ``done``, first mark the item the caller took before as processed (as
+        `task_done` does, in the same locked step).
 
         Raises:
             queue.Empty: nothing arrived in time, or the caller was woken (`wake`)
                 with nothing to take.
         """
-        self._tokens.get(timeout=timeout)
-        return self._pop()
+        with self._lock:
+            if done:
+                self._unfinished -= 1
+                if not self._unfinished and self._joining:
+                    self._notify_all_done()
+            if self._heap:
+                return self._take()
+            if self._wakes:
+                self._wakes -= 1
+                raise _queue.Empty
+            park = _allocate_lock()
+            park.acquire()
+            self._parked.append(park)
+        woken = park.acquire(True, -1 if timeout is None else timeout)
+        with self._lock:
+            if woken or park not in self._parked:
+                self._waking -= 1  # whoever unparked us counted us
+            else:
+                self._parked.remove(park)  # timed out
+            if self._heap:
+                return self._take()
+        raise _queue.Empty
 
     def get_nowait(self) -> _WorkItem:
         """Take the first item without waiting.
@@ -281,21 +384,55 @@ class WorkQueue:
         Raises:
             queue.Empty: there is none.
         """
-        self._tokens.get_nowait()
-        return self._pop()
-
-    def _pop(self) -> _WorkItem:
         with self._lock:
-            if not self._heap:
-                raise _queue.Empty  # a wake-up with nothing to take
-            return heapq.heappop(self._heap)
+            if self._heap:
+                return self._take()
+        raise _queue.Empty
+
+    def _take(self) -> _WorkItem:
+        """Pop the first item; wake the next idle thread if items are left (call with
+        the lock held)."""
+        item = heapq.heappop(self._heap)
+        if self._heap and self._parked and not self._waking:
+            self._waking = 1
+            self._parked.pop().release()
+        consumer = item[3]
+        left = self._queued[consumer] - 1
+        if left:
+            self._queued[consumer] = left
+        else:
+            del self._queued[consumer]
+            if self._drain_waiters:
+                waiter = self._drain_waiters.pop(consumer, None)
+                if waiter is not None:
+                    waiter.release()
+        return item
+
+    def wait_drained(self, consumer: Consumer, timeout: float) -> None:
+        """Wait until no item of ``consumer`` waits here (taken, not necessarily done),
+        or for ``timeout`` seconds."""
+        with self._lock:
+            if consumer not in self._queued:
+                return
+            waiter = _allocate_lock()
+            waiter.acquire()
+            self._drain_waiters[consumer] = waiter
+        if not waiter.acquire(True, timeout):
+            with self._lock:
+                if self._drain_waiters.get(consumer) is waiter:
+                    del self._drain_waiters[consumer]
 
     def wake(self, n: int) -> None:
-        """Wake up to ``n`` threads blocked in `get` (they get `queue.Empty` if nothing
-        is waiting). Stopping and pausing use it, so no thread depends on its timeout
-        to notice (a timed ``SimpleQueue.get`` was seen to overrun its timeout)."""
-        for _ in range(n):
-            self._tokens.put(None)
+        """Wake up to ``n`` threads blocked in `get`, or about to block there: they get
+        `queue.Empty` if nothing is waiting. Stopping and pausing use it, so no thread
+        depends on its timeout to notice."""
+        with self._lock:
+            for _ in range(n):
+                if self._parked:
+                    self._waking += 1
+                    self._parked.pop().release()
+                else:
+                    self._wakes += 1
 
     def task_done(self) -> None:
         """Mark one item taken earlier as processed."""
@@ -303,8 +440,11 @@ class WorkQueue:
             self._unfinished -= 1
             finished = self._unfinished == 0
         if finished and self._joining:
-            with self._all_done:
-                self._all_done.notify_all()
+            self._notify_all_done()
+
+    def _notify_all_done(self) -> None:
+        with self._all_done:
+            self._all_done.notify_all()
 
     def join(self) -> None:
         """Block until every item put was marked done."""
@@ -374,6 +514,8 @@ class ConsumerThread(_Pausable):
         self.consumer: Consumer | None = None
         self.delay_queue: list[tuple[int, int, MessageProxy]] = []  # a heap by eta
         self._order = itertools.count()
+        self._held_back = False  # messages were put on the work queue without a wake-up
+        self._buffered: Callable[[], int] | None = None  # the consumer's, in _consume
 
     def run(self) -> None:
         self.running = True
@@ -415,17 +557,36 @@ class ConsumerThread(_Pausable):
             broker._run_before(broker._hooks.before_consumer_thread_shutdown, self)
 
     def _consume(self, consumer: Consumer) -> None:
+        buffered = self._buffered = _buffered_of(consumer)
+        if self._held_back:  # the last run of this loop ended before it woke anyone
+            self._held_back = False
+            self.work_queue.notify()
+        # A consumer that says what it holds in memory (the stub) fetches more only
+        # once none of its messages waits on the work queue: fetching earlier would
+        # not run anything sooner (every idle thread has taken one), and the broker
+        # would wake this thread for room while a worker thread still holds the GIL.
+        drain_first = buffered is not _nothing_buffered
         while self.running:
             if self.paused:
                 self.paused_event.set()
                 time.sleep(self.worker_timeout / 1000)
                 continue
+            if drain_first and not buffered():
+                timeout = self.worker_timeout / 1000
+                if self.delay_queue:
+                    due = (self.delay_queue[0][0] - runtime.get_clock().now_ms()) / 1000
+                    timeout = max(0.0, min(timeout, due))
+                self.work_queue.wait_drained(consumer, timeout)
             try:
                 message = next(consumer)
             except StopIteration:
                 message = None
             if message is not None:
                 self.handle_message(message)
+            if self._held_back and not buffered():
+                # What handle_message put without waking anyone: wake a thread now.
+                self._held_back = False
+                self.work_queue.notify()
             if self.delay_queue:
                 self.handle_delayed_messages()
 
@@ -456,7 +617,15 @@ class ConsumerThread(_Pausable):
             priority = self.broker.get_actor(message.actor_name).priority
         except ActorNotFound:
             priority = 0  # the worker thread dead-letters it
-        self.work_queue.put(priority, message, consumer)
+        buffered = self._buffered
+        if (_buffered_of(consumer) if buffered is None else buffered)():
+            # More are in memory already and come next: put them all, then wake a
+            # thread once (see _consume), rather than wake one now that would only
+            # wait for this thread to let go of the GIL.
+            self.work_queue.put(priority, message, consumer, wake=False)
+            self._held_back = True
+        else:
+            self.work_queue.put(priority, message, consumer)
 
     def handle_delayed_messages(self) -> None:
         """Promote every held message whose eta has passed, oldest eta first."""
@@ -472,7 +641,7 @@ class ConsumerThread(_Pausable):
                 raise
 
     def _promote(self, consumer: Consumer, message: MessageProxy) -> None:
-        if isinstance(consumer, _Promoting) and policy.is_delay_queue(message.queue_name):
+        if _can_promote(consumer) and policy.is_delay_queue(message.queue_name):
             consumer.promote(message)  # one step: stored on q, forgotten on q.DQ
             return
         # A consumer that cannot promote in one step: store the copy, then ack.
@@ -530,27 +699,37 @@ class WorkerThread(_Pausable):
         broker._run_after(broker._hooks.after_worker_thread_boot, self)
         get = self.work_queue.get
         done = self.work_queue.task_done
+        finished = False  # a message was processed and not yet marked done
         try:
             while self.running:
                 if self.paused:
+                    if finished:
+                        finished = False
+                        done()
                     self.paused_event.set()
                     time.sleep(self.timeout)
                     continue
+                # The last message is marked done in the same locked step as the next
+                # one is taken (one lock round trip less per message).
+                mark, finished = finished, False
                 try:
-                    _, _, message, consumer = get(timeout=self.timeout)
+                    _, _, message, consumer = get(self.timeout, done=mark)
                 except _queue.Empty:
                     continue
                 try:
                     self.process_message(message, consumer)
                 finally:
-                    done()
+                    finished = True
         finally:
+            if finished:
+                done()
             broker._run_before(broker._hooks.before_worker_thread_shutdown, self)
 
     def process_message(self, message: MessageProxy, consumer: Consumer) -> None:
         """Process one message and settle it on its consumer."""
         try:
-            mark_started(consumer, message, self.logger)
+            if _IMPLEMENTS.get((type(consumer), _Starting)) is not False:  # known: skip
+                mark_started(consumer, message, self.logger)
             process_message(self.broker, message, self.logger)
         except BaseException as e:
             self.logger.error("Error processing message %s.", message, exc_info=True)
@@ -793,7 +972,7 @@ class Runner:
         promoted = 0
         while self.delayed and self.delayed[0][0] <= now:
             _, _, message, consumer = heapq.heappop(self.delayed)
-            if isinstance(consumer, _Promoting) and policy.is_delay_queue(message.queue_name):
+            if _can_promote(consumer) and policy.is_delay_queue(message.queue_name):
                 consumer.promote(message)
             else:
                 self.broker.enqueue(policy.promoted(message.message))
