@@ -163,9 +163,15 @@ class JSONEncoder(Encoder):
             raise DecodeError(
                 f"message is not UTF-8 bytes ({e}); data: {excerpt(data)}", data, e
             ) from e
-        value = _scan_object(text)
-        if value is not None:
-            return value
+        # _scan_object, inlined (every message received goes through here).
+        if text and text[0] == "{" and text[-1] == "}":
+            try:
+                value, end = _scan_once(text, 0)
+            except (StopIteration, ValueError, RecursionError):
+                pass
+            else:
+                if end == len(text) and type(value) is dict:
+                    return value
         try:
             value = json.loads(text)  # the general path, with json's own error messages
         except json.JSONDecodeError as e:

@@ -51,10 +51,14 @@ class AgeLimit(Middleware):
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         """Fail the message and raise `SkipMessage` when it is past its age limit."""
-        actor = broker.get_actor(message.actor_name)
-        max_age = message_or_actor("max_age", message.options, actor.options, self.max_age)
-        now = runtime.get_clock().now_ms()
-        if policy.is_too_old(message.message_timestamp, now, max_age):
+        current = message.message  # its fields are plain reads (the proxy's, properties)
+        actor = broker.get_actor(current.actor_name)
+        # message_or_actor, inlined: this runs for every message.
+        max_age = current.options.get("max_age") or actor.options.get("max_age", self.max_age)
+        if not max_age:
+            return  # no limit (policy.is_too_old): no need to read the clock
+        now = runtime._clock.now_ms()
+        if policy.is_too_old(current.message_timestamp, now, max_age):
             self.logger.warning("Message %r has exceeded its age limit.", message.message_id)
             message.fail()
             raise SkipMessage("Message age limit exceeded")

@@ -46,11 +46,11 @@ class Callbacks(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        actor = broker.get_actor(message.actor_name)
+        current = message.message  # its fields are plain reads (the proxy's, properties)
+        actor = broker.get_actor(current.actor_name)
+        # policy.option(..., rule="truthy"), inlined: this runs for every message.
         if exception is None:
-            target = policy.option(
-                "on_success", message.options, actor.options, None, rule="truthy"
-            )
+            target = current.options.get("on_success") or actor.options.get("on_success")
             if target:
                 self._send(broker, target, message, message.message.asdict(), result)
         else:

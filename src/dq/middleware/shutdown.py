@@ -6,7 +6,6 @@ import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from dq.core import policy
 from dq.logging import get_logger
 from dq.middleware.middleware import Middleware
 from dq.threading import (
@@ -50,15 +49,11 @@ class ShutdownNotifications(Middleware):
 
     def should_notify(self, actor: Actor[Any, Any], message: Message[Any] | MessageProxy) -> bool:
         """Return whether ``message`` of ``actor`` is to be interrupted on shutdown."""
-        return bool(
-            policy.option(
-                "notify_shutdown",
-                message.options,
-                actor.options,
-                self.notify_shutdown,
-                rule="not-none",
-            )
-        )
+        # policy.option(..., rule="not-none"), inlined: this runs for every message.
+        value = message.options.get("notify_shutdown")
+        if value is None:
+            value = actor.options.get("notify_shutdown")
+        return bool(self.notify_shutdown if value is None else value)
 
     def after_process_boot(self, broker: Broker) -> None:
         """Warn when threads cannot be interrupted here."""
@@ -68,8 +63,8 @@ class ShutdownNotifications(Middleware):
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         """Remember the current thread if its message opted in."""
-        actor = broker.get_actor(message.actor_name)
-        if self.should_notify(actor, message):
+        current = message.message  # its fields are plain reads (the proxy's, properties)
+        if self.should_notify(broker.get_actor(current.actor_name), current):
             with self._lock:
                 self._threads.add(threading.get_ident())
 
@@ -82,7 +77,8 @@ class ShutdownNotifications(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         """Forget the current thread."""
-        self._forget()
+        if self._threads:  # (see _forget)
+            self._forget()
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
         """Forget the current thread."""

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from dq import runtime
 from dq.core import policy
 from dq.logging import get_logger
-from dq.middleware.age_limit import message_or_actor
 from dq.middleware.middleware import Middleware
 from dq.threading import (
     Interrupt,
@@ -24,6 +23,9 @@ if TYPE_CHECKING:
     from dq.broker import Broker, MessageProxy
 
 __all__ = ["TimeLimit", "TimeLimitExceeded"]
+
+_INF = math.inf
+get_ident = threading.get_ident
 
 
 class TimeLimitExceeded(Interrupt):
@@ -82,12 +84,16 @@ class TimeLimit(Middleware):
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         """Arm the current thread's deadline."""
-        actor = broker.get_actor(message.actor_name)
-        limit = message_or_actor("time_limit", message.options, actor.options, self.time_limit)
-        deadline = policy.time_limit_deadline_ms(runtime.get_clock().now_ms(), limit)
-        thread_id = threading.get_ident()
+        current = message.message  # its fields are plain reads (the proxy's, properties)
+        actor = broker.get_actor(current.actor_name)
+        # message_or_actor, inlined: this runs for every message.
+        limit = current.options.get("time_limit") or actor.options.get(
+            "time_limit", self.time_limit
+        )
+        deadline = policy.time_limit_deadline_ms(runtime._clock.now_ms(), limit)
+        thread_id = get_ident()
         with self._lock:
-            if math.isinf(deadline):
+            if deadline == _INF:
                 self._deadlines.pop(thread_id, None)
             else:
                 self._deadlines[thread_id] = deadline
@@ -101,7 +107,8 @@ class TimeLimit(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         """Disarm the current thread's deadline."""
-        self._disarm()
+        with self._lock:
+            self._deadlines.pop(get_ident(), None)
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
         """Disarm the current thread's deadline."""
@@ -109,7 +116,7 @@ class TimeLimit(Middleware):
 
     def _disarm(self) -> None:
         with self._lock:
-            self._deadlines.pop(threading.get_ident(), None)
+            self._deadlines.pop(get_ident(), None)
 
     def check_deadlines(self) -> None:
         """Interrupt every thread past its deadline (one pass of the watcher)."""
