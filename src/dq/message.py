@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 import attrs
-from typing_extensions import TypeVar
 
 from dq import runtime
 from dq.core import EMPTY, FrozenDict
@@ -22,7 +21,16 @@ __all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "se
 
 # Defaults to Any, so a message built without a known actor is Message[Any]
 # (not Message[Never]).
-R_co = TypeVar("R_co", covariant=True, default=Any)
+if TYPE_CHECKING:
+    # PEP 696 defaults (``Message`` means ``Message[Any]``) for the type checker; at
+    # run time a plain TypeVar does the same job without importing typing_extensions.
+    from typing_extensions import TypeVar
+
+    R_co = TypeVar("R_co", covariant=True, default=Any)
+else:
+    from typing import TypeVar
+
+    R_co = TypeVar("R_co", covariant=True)
 
 #: The process-global encoder (Dramatiq's name). Prefer `get_encoder`.
 global_encoder: Encoder = JSONEncoder()
