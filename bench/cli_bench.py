@@ -104,6 +104,15 @@ def _fill(namespace: str, n: int) -> None:
     broker.close()
 
 
+def _cleanup(conn: redis.Redis, namespace: str, workdir: Path) -> None:
+    """Delete every key of ``namespace`` and its SQLite files."""
+    keys = list(conn.scan_iter(match=f"{namespace}:*"))
+    if keys:
+        conn.delete(*keys)
+    for stale in workdir.glob(f"{namespace}.sqlite3*"):
+        stale.unlink()
+
+
 def _drain(library: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     conn = redis.Redis.from_url(URL)
     namespace = f"dq-bench-cli-{library}-{uuid.uuid4().hex}"
@@ -128,7 +137,9 @@ def _drain(library: str, args: argparse.Namespace, workdir: Path) -> dict[str, f
         def left() -> int:  # a message leaves the hash when it is acked
             return int(conn.hlen(msgs))
 
-    assert left() == args.n
+    if left() != args.n:
+        _cleanup(conn, namespace, workdir)
+        raise RuntimeError(f"{library}: {left()} messages stored, expected {args.n}")
     module = "dq" if library.startswith("dq") else library
     command = [sys.executable, "-m", module, "app", "-p", str(args.processes)]
     command += ["-t", str(args.threads)]
@@ -164,11 +175,7 @@ def _drain(library: str, args: argparse.Namespace, workdir: Path) -> dict[str, f
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        keys = list(conn.scan_iter(match=f"{namespace}:*"))
-        if keys:
-            conn.delete(*keys)
-        for stale in workdir.glob(f"{namespace}.sqlite3*"):
-            stale.unlink()
+        _cleanup(conn, namespace, workdir)
     return {
         "rate": args.n / (drained - first),
         "launch_to_drained": drained - started,
