@@ -60,26 +60,25 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
+from dq.brokers._buffered import BufferedConsumer
 from dq.core import DeclareQueue, apply, initial_state, policy
 from dq.core import events as ev
 from dq.core.errors import InvalidValue
 from dq.errors import (
     ConnectionClosed,
     ConnectionFailed,
-    DecodeError,
     QueueJoinTimeout,
     QueueNotFound,
 )
 from dq.message import Message
 from dq.middleware import Middleware
-from dq.wire import decode_message, encode_message
+from dq.wire import encode_message
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
@@ -679,7 +678,7 @@ class SqliteBroker(Broker):
 _consumer_ids = itertools.count(1)
 
 
-class _SqliteConsumer(Consumer):
+class _SqliteConsumer(BufferedConsumer[int]):
     """A consumer of one queue of a SQLite file.
 
     When its buffer is empty it reserves as many rows as its free prefetch allows in
@@ -692,51 +691,25 @@ class _SqliteConsumer(Consumer):
     #: What it holds lives in the file under its id and lease, not in a connection.
     survives_connection_loss = True
 
+    broker: SqliteBroker
+
     def __init__(self, broker: SqliteBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        self.broker = broker
-        self.queue_name = queue_name
-        self.prefetch = prefetch
-        self.timeout = timeout
+        super().__init__(broker, queue_name, prefetch, timeout)
         self.pid = os.getpid()
         self.consumer_id = f"{broker.broker_id}.{self.pid}.{next(_consumer_ids)}"
-        self._min_batch = max(1, prefetch // 2)
-        self._lock = threading.Lock()
-        self._buffer: deque[tuple[int, bytes]] = deque()  # reserved, not handed out
-        self._held: dict[int, None] = {}  # handed out, not settled (in order)
-        self._acks: list[int] = []  # acked, not yet sent
-        self._sending = False
-        self._closed = False
 
     def buffered(self) -> int:
         """How many reserved messages wait in memory for ``next()``."""
         return len(self._buffer)
 
-    def __next__(self) -> MessageProxy:
-        broker = self.broker
-        deadline = time.monotonic() + self.timeout / 1000
-        while True:
-            with self._lock:
-                if self._closed:
-                    raise StopIteration
-                if self._buffer:
-                    seq, payload = self._buffer.popleft()
-                    self._held[seq] = None
-                else:
-                    seq, payload = 0, b""
-            if seq:
-                try:
-                    message = decode_message(payload, _message.global_encoder, Message)
-                except DecodeError as e:
-                    broker.logger.error(
-                        "Dead-lettering undecodable message %d on %r: %s", seq, self.queue_name, e
-                    )
-                    self._settle(seq, self._nack_body(seq))
-                    continue
-                proxy = MessageProxy(broker, message)
-                proxy._tag = seq
-                return proxy
-            if not self._fetch(deadline):
-                raise StopIteration
+    def _tag(self, message: MessageProxy) -> int:
+        return _seq(message)
+
+    def _dead_letter(self, tag: int) -> None:
+        self._settle(tag, self._nack_body(tag))
+
+    def _room_freed(self) -> None:
+        self.broker._notify()
 
     def _fetch(self, deadline: float) -> bool:
         """Fill the buffer, waiting until ``deadline``; return whether it has items."""
@@ -772,9 +745,7 @@ class _SqliteConsumer(Consumer):
         try:
             return self.broker._write(body)
         finally:
-            with self._lock:
-                self._held.pop(seq, None)
-            self.broker._notify()
+            self._forget([seq])
 
     def _lost(self, count: int, what: str) -> None:
         if count:
@@ -786,45 +757,14 @@ class _SqliteConsumer(Consumer):
                 what,
             )
 
-    def ack(self, message: MessageProxy) -> None:
-        """Settle ``message`` as done (acks of concurrent threads go in one transaction).
-
-        Raises:
-            DatabaseBusy: the database stayed locked; the unsent acks are kept and
-                sent with the next ack or when the consumer closes.
-        """
-        seq = _seq(message)
-        with self._lock:
-            self._acks.append(seq)
-            if self._sending:
-                return
-            self._sending = True
-        self._send_acks()
-
-    def _send_acks(self) -> None:
+    def _send_ack_batch(self, batch: list[int]) -> None:
+        """Delete the acked rows this consumer still holds, in one transaction."""
         consumer_id = self.consumer_id
-        while True:
-            with self._lock:
-                batch, self._acks = self._acks, []
-                if not batch:
-                    self._sending = False
-                    return
 
-            def ack(conn: sqlite3.Connection, batch: list[int] = batch) -> int:
-                return sum(conn.execute(_DELETE_HELD, (seq, consumer_id)).rowcount for seq in batch)
+        def ack(conn: sqlite3.Connection) -> int:
+            return sum(conn.execute(_DELETE_HELD, (seq, consumer_id)).rowcount for seq in batch)
 
-            try:
-                done = self.broker._write(ack)
-            except BaseException:
-                with self._lock:
-                    self._acks[:0] = batch
-                    self._sending = False
-                raise
-            with self._lock:
-                for seq in batch:
-                    self._held.pop(seq, None)
-            self.broker._notify()
-            self._lost(len(batch) - done, "acked")
+        self._lost(len(batch) - self.broker._write(ack), "acked")
 
     def _nack_body(self, seq: int) -> Callable[[sqlite3.Connection], int]:
         consumer_id = self.consumer_id
@@ -856,9 +796,7 @@ class _SqliteConsumer(Consumer):
         if not seqs:
             return
         done = self._requeue(seqs)
-        with self._lock:
-            for seq in seqs:
-                self._held.pop(seq, None)
+        self._forget(seqs)
         self._lost(len(seqs) - done, "requeued")
 
     def _requeue(self, seqs: list[int]) -> int:

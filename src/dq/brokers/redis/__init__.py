@@ -65,7 +65,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -75,13 +74,14 @@ import redis
 from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
+from dq.brokers._buffered import BufferedConsumer
 from dq.common import getenv_int
 from dq.core import DeclareQueue, apply, initial_state, policy
 from dq.core import events as ev
-from dq.errors import ConnectionClosed, DecodeError, QueueJoinTimeout, QueueNotFound
+from dq.errors import ConnectionClosed, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
 from dq.middleware import Middleware
-from dq.wire import decode_message, encode_message
+from dq.wire import encode_message
 
 __all__ = [
     "DEFAULT_DEAD_MESSAGE_TTL",
@@ -1027,7 +1027,7 @@ _DISPATCH: dict[str, Callable[..., Any]] = {
 }
 
 
-class _RedisConsumer(Consumer):
+class _RedisConsumer(BufferedConsumer[str]):
     """A consumer of one Redis queue.
 
     When its buffer is empty it fetches as many messages as its free prefetch allows
@@ -1042,20 +1042,12 @@ class _RedisConsumer(Consumer):
     #: a connection error the worker keeps using it (and the messages it holds).
     survives_connection_loss = True
 
+    broker: RedisBroker
+
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        self.broker = broker
-        self.queue_name = queue_name
-        self.prefetch = prefetch
-        self.timeout = timeout
-        self._min_batch = max(1, prefetch // 2)
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._buffer: deque[tuple[str, bytes]] = deque()  # fetched, not handed out
-        self._held: dict[str, None] = {}  # handed out, not settled (in order)
-        self._acks: list[str] = []  # acked, not yet sent
+        super().__init__(broker, queue_name, prefetch, timeout)
+        self._room = threading.Condition(self._lock)  # prefetch room freed
         self._suspects: set[str] = set()  # recovered from dead workers before
-        self._sending = False  # a thread is sending acks
-        self._closed = False
         broker._consumers.add(self)
 
     def _known(self) -> set[str]:
@@ -1068,32 +1060,18 @@ class _RedisConsumer(Consumer):
     def _outstanding(self) -> int:
         return len(self._buffer) + len(self._held)
 
-    def __next__(self) -> MessageProxy:
-        broker = self.broker
-        deadline = time.monotonic() + self.timeout / 1000
-        while True:
-            with self._lock:
-                if self._closed:
-                    raise StopIteration
-                if self._buffer:
-                    rid, payload = self._buffer.popleft()
-                    self._held[rid] = None
-                else:
-                    rid, payload = "", b""
-            if rid:
-                try:
-                    message = decode_message(payload, _message.global_encoder, Message)
-                except DecodeError as e:
-                    broker.logger.error(
-                        "Dead-lettering undecodable message %s on %r: %s", rid, self.queue_name, e
-                    )
-                    self._send("nack", [rid])
-                    continue
-                proxy = MessageProxy(broker, message)
-                proxy._tag = rid
-                return proxy
-            if not self._fetch(deadline):
-                raise StopIteration
+    def _tag(self, message: MessageProxy) -> str:
+        return _rid(message)
+
+    def _dead_letter(self, tag: str) -> None:
+        self._send("nack", [tag])
+
+    def _send_ack_batch(self, batch: list[str]) -> None:
+        _settle(self.broker, "ack", self.queue_name, batch)
+
+    def _room_freed(self) -> None:
+        with self._room:
+            self._room.notify_all()
 
     def _fetch(self, deadline: float) -> bool:
         """Fill the buffer, waiting until ``deadline``; return whether it has items."""
@@ -1146,47 +1124,7 @@ class _RedisConsumer(Consumer):
         try:
             _settle(self.broker, command, self.queue_name, rids)
         finally:
-            with self._lock:
-                for rid in rids:
-                    self._held.pop(rid, None)
-                self._room.notify_all()
-
-    def ack(self, message: MessageProxy) -> None:
-        """Settle ``message`` as done.
-
-        Acks from concurrent threads are sent together: the thread that finds no
-        batch in flight sends its own and every ack that arrives meanwhile.
-
-        Raises:
-            ConnectionClosed: Redis could not be reached. The unsent acks are kept
-                and sent with the next ack or when the consumer closes.
-        """
-        rid = _rid(message)
-        with self._lock:
-            self._acks.append(rid)
-            if self._sending:
-                return
-            self._sending = True
-        self._send_acks()
-
-    def _send_acks(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._acks = self._acks, []
-                if not batch:
-                    self._sending = False
-                    return
-            try:
-                _settle(self.broker, "ack", self.queue_name, batch)
-            except BaseException:
-                with self._lock:
-                    self._acks[:0] = batch
-                    self._sending = False
-                raise
-            with self._lock:
-                for rid in batch:
-                    self._held.pop(rid, None)
-                self._room.notify_all()
+            self._forget(rids)
 
     def started(self, message: MessageProxy) -> None:
         """Record that a worker is about to run ``message``, if it is a suspect (it
@@ -1267,9 +1205,7 @@ class _RedisConsumer(Consumer):
                 (old, stored.options["redis_message_id"], payload, keys.channel(name)),
             )
         finally:
-            with self._lock:
-                self._held.pop(old, None)
-                self._room.notify_all()
+            self._forget([old])
         if not replaced:
             broker.logger.warning(
                 "Message %s on %r was recovered by another worker before it could be "
