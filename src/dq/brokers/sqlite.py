@@ -67,6 +67,7 @@ from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._buffered import BufferedConsumer
+from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
 from dq.core import DeclareQueue, apply, initial_state, policy
 from dq.core import events as ev
 from dq.core.errors import InvalidValue
@@ -165,10 +166,6 @@ def _is_busy(error: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _whole(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 class _Keeper(threading.Thread):
     """Renews this broker's leases, recovers expired ones, expires dead letters."""
 
@@ -232,11 +229,11 @@ class SqliteBroker(Broker):
             ("poll_interval", poll_interval, 1),
             ("busy_timeout", busy_timeout, 0),
         ):
-            if not _whole(value, minimum):
+            if not is_whole(value, minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum} (ms), got {value!r}")
         if sweep_interval is None:
             sweep_interval = lease // 3
-        elif not _whole(sweep_interval, 1):
+        elif not is_whole(sweep_interval, 1):
             raise ValueError(
                 f"sweep_interval must be a positive integer (ms), got {sweep_interval!r}"
             )
@@ -503,10 +500,7 @@ class SqliteBroker(Broker):
         its row, after the ``before_enqueue`` hooks."""
         if message.queue_name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(message.queue_name)
-        if delay is not None:
-            if not _whole(delay, 0):
-                raise ValueError(f"delay must be a whole number of ms >= 0, got {delay!r}")
-            message = policy.delayed(message, delay_ms=delay, now_ms=now_ms)
+        message = delayed_if_asked(message, delay, now_ms)
         if hooks and self._hooks.before_enqueue:
             self._run_before(self._hooks.before_enqueue, message, delay)
         payload = encode_message(message, _message.global_encoder)
@@ -576,10 +570,7 @@ class SqliteBroker(Broker):
         """
         if queue_name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(queue_name)
-        if not _whole(prefetch, 1):
-            raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
-        if not _whole(timeout, 0):
-            raise ValueError(f"timeout must be an integer >= 0 (ms), got {timeout!r}")
+        check_consume_arguments(prefetch, timeout)
         consumer = _SqliteConsumer(self, queue_name, prefetch, timeout)
         self._consumers.add(consumer)
         self._start_keeper()

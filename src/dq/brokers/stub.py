@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
+from dq.brokers._checks import delayed_if_asked
 from dq.core import (
     Ack,
     AckMany,
@@ -293,9 +294,7 @@ class StubBroker(Broker):
             ValueError: ``delay`` is negative.
         """
         if delay is not None:
-            if not _is_delay(delay):
-                raise ValueError(f"delay must be a whole number of ms >= 0, got {delay!r}")
-            message = policy.delayed(message, delay_ms=delay, now_ms=runtime.get_clock().now_ms())
+            message = delayed_if_asked(message, delay, runtime.get_clock().now_ms())
         hooks = self._hooks
         if hooks.before_enqueue:
             # Dramatiq checks the queue before the hooks run; apply() checks it too.
@@ -404,10 +403,6 @@ class StubBroker(Broker):
     def dead_letters(self) -> list[MessageProxy]:
         """Every dead-lettered message, by queue."""
         return [m for messages in self.dead_letters_by_queue.values() for m in messages]
-
-
-def _is_delay(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _queue_of(command: Command) -> str:

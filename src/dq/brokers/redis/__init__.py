@@ -75,6 +75,7 @@ from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._buffered import BufferedConsumer
+from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
 from dq.common import getenv_int
 from dq.core import DeclareQueue, apply, initial_state, policy
 from dq.core import events as ev
@@ -140,13 +141,8 @@ def _load_script(name: str) -> str:
     return (importlib.resources.files(__package__) / "lua" / f"{name}.lua").read_text()
 
 
-def _whole(value: object, minimum: int) -> bool:
-    """Whether ``value`` is an int (not a bool) >= ``minimum``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
-    if not _whole(value, 0 if allow_zero else 1):
+    if not is_whole(value, 0 if allow_zero else 1):
         expected = "an integer >= 0" if allow_zero else "a positive integer"
         raise ValueError(f"{name} must be {expected} (ms), got {value!r}")
     assert isinstance(value, int)
@@ -637,10 +633,7 @@ class RedisBroker(Broker):
     def _prepare(self, message: M, delay: int | None, now_ms: int) -> tuple[M, bytes]:
         """The copy to store (fresh redis_message_id; on ``q.DQ`` with an eta when
         delayed) and its bytes, after the ``before_enqueue`` hooks."""
-        if delay is not None:
-            if not _whole(delay, 0):
-                raise ValueError(f"delay must be a whole number of ms >= 0, got {delay!r}")
-            message = policy.delayed(message, delay_ms=delay, now_ms=now_ms)
+        message = delayed_if_asked(message, delay, now_ms)
         message = message.copy(options={"redis_message_id": runtime.get_id_source().new_id()})
         if self._hooks.before_enqueue:
             self._run_before(self._hooks.before_enqueue, message, delay)
@@ -729,10 +722,7 @@ class RedisBroker(Broker):
         """
         if queue_name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(queue_name)
-        if not _whole(prefetch, 1):
-            raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
-        if not _whole(timeout, 0):
-            raise ValueError(f"timeout must be an integer >= 0 (ms), got {timeout!r}")
+        check_consume_arguments(prefetch, timeout)
         self._start_threads()
         return _RedisConsumer(self, queue_name, prefetch, timeout)
 
