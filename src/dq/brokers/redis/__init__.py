@@ -1125,6 +1125,8 @@ class _RedisConsumer(BufferedConsumer[str]):
         Raises:
             ConnectionClosed: Redis could not be reached.
         """
+        if not self._suspects:  # the common case: no lock taken per message
+            return
         rid = _rid(message)
         with self._lock:
             if rid not in self._suspects:
