@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    -c constraints.txt -e '.[dev,redis,rabbitmq]'
+    -c constraints.txt -e '.[dev,redis,rabbitmq,memcached]'
 
 bash scripts/services.sh
 

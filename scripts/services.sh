@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Start the local Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) if they are down.
+# Start the local Redis (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and Memcached
+# (127.0.0.1:11211, for the results and rate-limiter backends' tests) if they are down.
+# Memcached is installed from Debian's packages when it is missing.
 set -euo pipefail
 
 port_open() {
@@ -18,11 +20,21 @@ if ! port_open 5672; then
     rabbitmq-server -detached
 fi
 
+if ! port_open 11211; then
+    if ! command -v memcached >/dev/null; then
+        echo "Memcached is not installed; installing it (apt-get install memcached)."
+        apt-get install -y -q memcached >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q memcached >/dev/null; }
+    fi
+    echo "Memcached is down; starting it."
+    memcached -d -u "$(id -un)" -l 127.0.0.1 -p 11211 -m 64
+fi
+
 for _ in $(seq 1 120); do
-    if port_open 6379 && port_open 5672; then
+    if port_open 6379 && port_open 5672 && port_open 11211; then
         exit 0
     fi
     sleep 1
 done
-echo "Redis or RabbitMQ did not come up within 120 s." >&2
+echo "Redis, RabbitMQ or Memcached did not come up within 120 s." >&2
 exit 1
