@@ -41,7 +41,6 @@ APP = {
 import os
 import dq
 from dq.brokers.redis import RedisBroker
-from dq.brokers.sqlite import SqliteBroker
 
 dq.set_broker(RedisBroker(url={url!r}, namespace=os.environ["BENCH_NS"]))
 
