@@ -143,18 +143,17 @@ def _subject_entry_status(state: BrokerState, command: Any) -> Status:
 def _subject_entries_status(state: BrokerState, command: c.AckMany) -> Status:
     """The status of a batch of entries: UNRESERVED if one is not reserved, is named
     twice, or there is none; else HELD if every one is held; else RESERVED."""
-    reserved = state.reserved
-    seen: set[int] = set()
+    seqs = command.seqs
+    if not seqs or len(frozenset(seqs)) != len(seqs):
+        return Status.UNRESERVED
+    get = state.reserved.get
     held = True
-    for seq in command.seqs:
-        reservation = reserved.get(seq)
-        if reservation is None or seq in seen:
+    for seq in seqs:
+        reservation = get(seq)
+        if reservation is None:
             return Status.UNRESERVED
-        seen.add(seq)
         if held and not reservation.entry.queue_name.endswith(DELAY_SUFFIX):
             held = False
-    if not seen:
-        return Status.UNRESERVED
     return Status.HELD if held else Status.RESERVED
 
 
@@ -274,6 +273,7 @@ def _ack_many(state: BrokerState, command: c.AckMany) -> Step:
     settled: dict[str, int] = {}  # canonical queue name -> entries acked
     effects: list[fx.Effect] = []
     events: list[ev.Event] = []
+    forget, acked = fx.Forget, ev.Acked
     for seq in command.seqs:
         entry = reserved[seq].entry
         reserved = reserved.remove(seq)
@@ -281,8 +281,8 @@ def _ack_many(state: BrokerState, command: c.AckMany) -> Step:
         if name.endswith(DELAY_SUFFIX):
             name = name[:-3]
         settled[name] = settled.get(name, 0) + 1
-        effects.append(fx.Forget(entry))
-        events.append(ev.Acked(entry))
+        effects.append(forget(entry))
+        events.append(acked(entry))
     queues = state.queues
     for name, count in settled.items():
         queue = queues[name]
