@@ -16,6 +16,7 @@ from dq.wire import decode_message, encode_message
 
 if TYPE_CHECKING:
     from dq.composition import pipeline
+    from dq.results.backend import ResultBackend
 
 __all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "set_encoder"]
 
@@ -155,6 +156,47 @@ class Message(CoreMessage[R_co]):
         from dq.composition import pipeline  # noqa: PLC0415
 
         return pipeline([self, other])
+
+    def get_result(
+        self,
+        *,
+        backend: ResultBackend | None = None,
+        block: bool = False,
+        timeout: int | None = None,
+    ) -> R_co:
+        """Return the result the actor stored for this message.
+
+        Args:
+            backend: the result backend to read; defaults to the global broker's
+                (`dq.Broker.get_results_backend`).
+            block: wait for the result if it is not stored yet.
+            timeout: how long to wait at most, in ms, when ``block`` is true
+                (default 10000); 0 or less checks once.
+
+        Raises:
+            RuntimeError: no ``backend`` was given and the global broker has no
+                `dq.results.Results` middleware (or no global broker is set).
+            ResultMissing: ``block`` is false and no result is stored.
+            ResultTimeout: ``block`` is true and no result was stored in time.
+            ResultFailure: the actor failed for good; the error names its exception.
+        """
+        if backend is None:
+            # Imported here: dq.broker and dq.results import this module.
+            from dq.broker import get_broker  # noqa: PLC0415
+            from dq.results.backend import ResultBackend  # noqa: PLC0415
+
+            broker = get_broker()
+            found = broker.get_results_backend()
+            if not isinstance(found, ResultBackend):
+                raise RuntimeError(
+                    f"The global broker ({type(broker).__name__}) has no results backend: "
+                    "add one with broker.add_middleware(dq.results.Results(backend=...)), "
+                    "or pass get_result(backend=...)."
+                )
+            backend = found
+        # Inside its own class mypy resolves the call to the untyped overload.
+        result: R_co = backend.get_result(self, block=block, timeout=timeout)
+        return result
 
     @classmethod
     def decode(cls, data: bytes) -> Message[Any]:
