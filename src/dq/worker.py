@@ -162,7 +162,11 @@ def process_message(
                     raise
                 except Exception:
                     broker._log_hook_failure(hook)
-        except SkipMessage:
+        except SkipMessage as e:
+            if message._failed:
+                # As Dramatiq: the reason travels with the failed message (results,
+                # StubBroker.join(fail_fast=True)).
+                message.stuff_exception(e)
             logger.warning("Message %s was skipped.", message)
             broker._run_after(hooks.after_skip_message, message)
             return
