@@ -24,6 +24,7 @@ from dq.middleware.middleware import HOOK_NAMES, MiddlewareError
 if TYPE_CHECKING:
     from dq.actor import Actor
     from dq.message import Message
+    from dq.results.backend import ResultBackend
 
 __all__ = ["Broker", "Consumer", "MessageProxy", "get_broker", "global_broker", "set_broker"]
 
@@ -267,17 +268,20 @@ class Broker(abc.ABC):
         """Return the names of the declared delay queues."""
         return set(self.delay_queues)
 
-    def get_results_backend(self) -> Any | None:
+    def get_results_backend(self) -> ResultBackend | None:
         """Return the backend of the first middleware that stores results, or None.
 
-        A middleware stores results when it exposes a non-None ``results_backend``
-        attribute (the Results middleware of the results issue does). dq returns None
-        where Dramatiq raises: the call that needs a backend raises a clear error.
+        A middleware stores results when it exposes a ``results_backend`` attribute
+        holding a `dq.results.ResultBackend` (`dq.results.Results` does). dq returns
+        None where Dramatiq raises: the call that needs a backend raises a clear error.
         """
         for m in self.middleware:
             backend = getattr(m, "results_backend", None)
             if backend is not None:
-                return backend
+                from dq.results.backend import ResultBackend  # noqa: PLC0415 - import cycle
+
+                if isinstance(backend, ResultBackend):
+                    return backend
         return None
 
     # -- to implement ------------------------------------------------------------------
