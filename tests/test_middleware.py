@@ -212,6 +212,7 @@ def test_public_names() -> None:
         "Interrupt",
         "raise_thread_exception",
         "AgeLimit",
+        "AsyncIO",
         "Callbacks",
         "CurrentMessage",
         "Pipelines",

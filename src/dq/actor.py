@@ -6,7 +6,7 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from dq.broker import _register_floating
 from dq.core import policy
@@ -60,13 +60,23 @@ class Actor(Generic[P, R]):
         if not _is_int(priority):
             raise ValueError(f"priority must be an int, got {priority!r}")
         self.logger = get_logger(getattr(fn, "__module__", None) or "_", actor_name)
-        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        #: The function workers call: coroutine functions are wrapped to run on the
+        #: event-loop thread (`dq.asyncio.async_to_sync`), as Dramatiq does.
+        self.fn: Callable[P, R]
+        if self.is_async:
+            # Imported here: asyncio is heavy, and a process without async actors
+            # (most workers) need not pay for it.
+            from dq.asyncio import async_to_sync  # noqa: PLC0415
+
+            self.fn = async_to_sync(cast("Callable[P, Awaitable[R]]", fn))
+        else:
+            self.fn = cast("Callable[P, R]", fn)
         self.actor_name = actor_name
         self.queue_name = queue_name
         self.priority = priority
         self.options: dict[str, Any] = dict(options)
         self._broker: Broker | None = None
-        self.is_async = inspect.iscoroutinefunction(fn)
         if broker is None:
             broker = _register_floating(self)
         if broker is not None:
@@ -182,16 +192,18 @@ class Actor(Generic[P, R]):
         return self.broker.enqueue(message, delay=delay)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function synchronously in this thread and return its result."""
+        """Run the function synchronously in this thread and return its result.
+
+        An async actor's coroutine runs on the event-loop thread (`dq.asyncio`) while
+        this thread waits for it.
+
+        Raises:
+            RuntimeError: the actor is async and no event-loop thread is set (add the
+                AsyncIO middleware), or this is the event-loop thread itself.
+        """
         start = time.perf_counter()
         try:
-            if self.is_async:
-                raise RuntimeError(
-                    f"Actor {self.actor_name!r} is an async function; calling it "
-                    "synchronously needs the AsyncIO middleware's event-loop thread."
-                )
-            result: R = self.fn(*args, **kwargs)  # type: ignore[assignment]  # sync branch
-            return result
+            return self.fn(*args, **kwargs)
         finally:
             if self.logger.isEnabledFor(10):
                 self.logger.debug(

@@ -16,6 +16,7 @@ from dq.middleware.threading import Interrupt, raise_thread_exception
 from dq.middleware.time_limit import TimeLimit, TimeLimitExceeded
 
 if TYPE_CHECKING:
+    from dq.middleware.asyncio import AsyncIO as AsyncIO
     from dq.middleware.prometheus import Prometheus as Prometheus
 
 # Dramatiq's order (AsyncIO and GroupCallbacks join when they land).
@@ -29,6 +30,7 @@ __all__ = [  # noqa: RUF022
     "raise_thread_exception",
     # Middleware
     "AgeLimit",
+    "AsyncIO",
     "Callbacks",
     "CurrentMessage",
     "Pipelines",
@@ -54,11 +56,20 @@ default_middleware: list[type[Middleware]] = [
 if not TYPE_CHECKING:  # mypy sees the import above, so a typo is still an error
 
     def __getattr__(name: str) -> Any:
-        """Resolve ``Prometheus`` on first use (a dq addition: Dramatiq has it only in
-        ``dramatiq.middleware.prometheus``). Importing its module creates the metrics
-        directory, so ``import dq.middleware`` does not; it is not in ``__all__``."""
+        """Resolve ``AsyncIO`` and ``Prometheus`` on first use.
+
+        ``Prometheus`` is a dq addition (Dramatiq has it only in
+        ``dramatiq.middleware.prometheus``): importing its module creates the metrics
+        directory, so ``import dq.middleware`` does not; it is not in ``__all__``.
+        """
         if name == "Prometheus":
             from dq.middleware.prometheus import Prometheus  # noqa: PLC0415
 
             return Prometheus
+        if name == "AsyncIO":
+            # On first use: it imports asyncio (several MB), which a worker without
+            # async actors never needs.
+            from dq.middleware.asyncio import AsyncIO  # noqa: PLC0415
+
+            return AsyncIO
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,9 @@ class CurrentMessage(Middleware):
     """Expose the message being processed to the actor's code.
 
     Each worker thread (or context) sees its own message: the middleware records it
-    before the actor runs and forgets it afterwards.
+    before the actor runs and forgets it afterwards. The message lives in a context
+    variable, and an async actor's coroutine runs in a copy of its worker thread's
+    context (`dq.asyncio`), so coroutines, and the tasks they create, see it too.
 
     Example::
 

@@ -41,6 +41,11 @@ class TimeLimit(Middleware):
     exception in that thread (CPython only). The exception is raised when the thread
     next runs Python code, so a blocking system call is not cut short.
 
+    An async actor's worker thread only waits for its coroutine (`dq.asyncio`), so it
+    gets the exception even while the coroutine awaits; the coroutine is then
+    cancelled on the event loop (it sees `asyncio.CancelledError` at its current
+    ``await``) and the message fails as a sync actor's would.
+
     Args:
         time_limit: the default limit, in ms (``float("inf")``: none). The actor
             option ``time_limit`` overrides it, and a truthy ``time_limit`` message
