@@ -50,6 +50,10 @@ Where Dramatiq is unsafe, dq fixes it inside the same keys:
   many worker threads are sent together, and `RedisBroker.enqueue_many` stores many
   messages in one round trip.
 
+The broker talks to Redis with its own RESP2 client (`dq.brokers.redis._resp`, one
+connection per thread) and imports redis-py only when given a ``client``, options only
+redis-py understands, or when `RedisBroker.client` is first read (``docs/redis.md``).
+
 dq's only extra keys are the hashes ``ns:__dq__.deliveries.Q`` and
 ``ns:__dq__.started.Q`` (poison-message counts), which exist only while a message
 recovered from a dead worker is unsettled.
@@ -58,24 +62,25 @@ recovered from a dead worker is unsettled.
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
+import importlib
 import os
 import random
+import sys
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeVar
 
 import attrs
-import redis
 
 from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._buffered import BufferedConsumer
 from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
+from dq.brokers.redis import _resp
 from dq.common import getenv_int
 from dq.core import DeclareQueue, apply, initial_state, policy
 from dq.core import events as ev
@@ -83,6 +88,9 @@ from dq.errors import ConnectionClosed, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
 from dq.middleware import Middleware
 from dq.wire import encode_message
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = [
     "DEFAULT_DEAD_MESSAGE_TTL",
@@ -129,16 +137,121 @@ _SCRIPT_NAMES = (
 _NOTIFY = "__dq__.notify."
 _DELIVERIES = "__dq__.deliveries."
 _STARTED = "__dq__.started."
-_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_ERRORS = (_resp.RespConnectionError,)
 
 
-class RedisConnectionClosed(ConnectionClosed, redis.exceptions.ConnectionError):
-    """The Redis connection failed (both a dq `ConnectionClosed` and a redis-py
-    ``ConnectionError``, so code written for either catches it)."""
+class RedisConnectionClosed(ConnectionClosed):
+    """The Redis connection failed.
+
+    When redis-py is imported in the process at the time of the failure, the exception
+    raised is also a ``redis.exceptions.ConnectionError`` (a subclass of both), so code
+    written for either catches it. A process that never imports redis-py has no such
+    code to satisfy, and does not pay for importing it.
+    """
 
 
-def _load_script(name: str) -> str:
-    return (importlib.resources.files(__package__) / "lua" / f"{name}.lua").read_text()
+_redis_py_closed: type[RedisConnectionClosed] | None = None
+
+
+def _closed(error: BaseException) -> RedisConnectionClosed:
+    """The `RedisConnectionClosed` to raise for ``error``."""
+    global _redis_py_closed
+    exceptions = sys.modules.get("redis.exceptions")
+    if exceptions is None:
+        return RedisConnectionClosed(error)
+    if _redis_py_closed is None:
+        base: type[Exception] = exceptions.ConnectionError
+        _redis_py_closed = type(
+            "_RedisPyConnectionClosed",
+            (RedisConnectionClosed, base),
+            {"__module__": __name__, "__doc__": RedisConnectionClosed.__doc__},
+        )
+        globals()["_RedisPyConnectionClosed"] = _redis_py_closed  # so it pickles
+    return _redis_py_closed(error)
+
+
+class Script(NamedTuple):
+    """One of the broker's Lua scripts (`RedisBroker.scripts` maps names to them).
+
+    Attributes:
+        name: its name (``enqueue``, ``fetch``...).
+        source: its Lua source.
+        sha: the SHA1 hex digest of ``source`` (what ``EVALSHA`` names).
+    """
+
+    name: str
+    source: str
+    sha: str
+
+
+def _sha1_hex(data: bytes) -> str:
+    try:
+        # CPython's built-in SHA1: hashlib would load OpenSSL (~3.5 MB per process).
+        sha1: Any = importlib.import_module("_sha1").sha1
+    except ImportError:  # pragma: no cover - other interpreters
+        sha1 = importlib.import_module("hashlib").sha1
+    return str(sha1(data).hexdigest())
+
+
+_LUA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lua")
+
+
+def _load_script(name: str) -> Script:
+    # A plain read (not importlib.resources, which costs ~1 MB of imports per process).
+    with open(os.path.join(_LUA_DIR, f"{name}.lua"), encoding="utf-8") as file:
+        source = file.read()
+    return Script(name, source, _sha1_hex(source.encode()))
+
+
+class _Connection(Protocol):
+    """What the broker needs of one connection (`_resp.Connection`, or
+    `_redispy.RedisPyConnection` on redis-py)."""
+
+    def execute(self, *args: _resp.Arg) -> _resp.Reply: ...
+
+    def pipeline(self, commands: Iterable[Sequence[_resp.Arg]]) -> list[_resp.Reply]: ...
+
+    def close(self) -> None: ...
+
+
+class _Subscriber(Protocol):
+    """What the listener needs of a pub/sub connection."""
+
+    def psubscribe(self, *patterns: str | bytes) -> None: ...
+
+    def get_message(self, timeout: float) -> _resp.PubSubMessage | None: ...
+
+    def close(self) -> None: ...
+
+
+def _int(reply: _resp.Reply) -> int:
+    if isinstance(reply, int):
+        return reply
+    if isinstance(reply, bytes):
+        return int(reply)
+    raise _unexpected(reply, "an integer")
+
+
+def _list(reply: _resp.Reply) -> list[_resp.Reply]:
+    if isinstance(reply, list):
+        return reply
+    raise _unexpected(reply, "an array")
+
+
+def _bytes(reply: _resp.Reply) -> bytes:
+    if isinstance(reply, bytes):
+        return reply
+    raise _unexpected(reply, "a string")
+
+
+def _text(reply: _resp.Reply) -> str:
+    return _bytes(reply).decode()
+
+
+def _unexpected(reply: _resp.Reply, expected: str) -> Exception:
+    if isinstance(reply, _resp.ResponseError):
+        return reply
+    return _resp.ResponseError(f"expected {expected} from Redis, got {reply!r}")
 
 
 def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
@@ -202,15 +315,6 @@ class _Keys:
         return f"{self.ns}:{_NOTIFY}{queue_name}"
 
 
-def _bytes(value: Any) -> bytes:
-    """A reply from a client that may decode responses, as bytes."""
-    return value.encode() if isinstance(value, str) else bytes(value)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class _Waker:
     """Per-queue wake-up generations: consumers wait until theirs moves on."""
 
@@ -247,23 +351,22 @@ class _Listener(threading.Thread):
         self.broker = broker
         self.stopped = threading.Event()
         self.ready = threading.Event()
-        self._prefix = len(broker._keys.channel(""))
+        self._prefix = len(broker._keys.channel("").encode())
 
     def run(self) -> None:
         broker = self.broker
         pattern = _glob_escape(broker._keys.channel("")) + "*"
         while not self.stopped.is_set():
-            pubsub = broker.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            subscriber = broker._new_subscriber()
             try:
-                pubsub.psubscribe(pattern)
-                pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+                subscriber.psubscribe(pattern)
                 self.ready.set()
                 # Anything published while we were (re)connecting was missed: poll now.
                 broker._waker.notify_all()
                 while not self.stopped.is_set():
-                    message = pubsub.get_message(timeout=0.5)
-                    if message is not None and message["type"] == "pmessage":
-                        broker._waker.notify(_text(message["channel"])[self._prefix :])
+                    message = subscriber.get_message(timeout=0.5)
+                    if message is not None:
+                        broker._waker.notify(message.channel[self._prefix :].decode())
             except _ERRORS:
                 if not self.stopped.is_set():
                     broker.logger.warning(
@@ -275,7 +378,7 @@ class _Listener(threading.Thread):
                 self.stopped.wait(0.5)
             finally:
                 with contextlib.suppress(Exception):  # closing a broken connection
-                    pubsub.close()
+                    subscriber.close()
 
 
 class _Keeper(threading.Thread):
@@ -307,7 +410,7 @@ class _Keeper(threading.Thread):
                     failing = False
                     broker.logger.info("Redis is reachable again.")
                 wait = min(beat_every, next_recovery - time.monotonic())
-            except _ERRORS:
+            except RedisConnectionClosed:
                 if not failing:  # once per outage, not once per attempt
                     failing = True
                     broker.logger.warning(
@@ -342,7 +445,8 @@ class RedisBroker(Broker):
         requeue_interval: ms between two recovery runs of a live broker (default:
             ``requeue_deadline - heartbeat_timeout`` when a deadline is given, else a
             tenth of ``heartbeat_timeout``, at least 100 ms).
-        client: a ``redis.Redis`` to use as it is (exposed as `client`).
+        client: a ``redis.Redis`` to use (exposed as `client`): the broker's own
+            connections are made as its pool makes them, through redis-py.
         max_deliveries: how many times a message of a canonical queue may be
             delivered without ever being acked or nacked (each time, the worker
             running it died) before recovery dead-letters it; 0 disables the limit,
@@ -352,9 +456,15 @@ class RedisBroker(Broker):
         parameters: keyword arguments of ``redis.Redis`` when neither ``url`` nor
             ``client`` is given.
 
+    Without ``client``, the broker talks to Redis with its own small client and does
+    not import redis-py, unless ``url`` or ``parameters`` hold options that client
+    does not implement (see ``docs/redis.md``): then it uses redis-py for everything.
+    `client` is created on first access in either case.
+
     Raises:
-        ValueError: a timing argument is not a positive integer, or the requeue
-            deadline and interval contradict each other.
+        ValueError: a timing argument is not a positive integer, the requeue deadline
+            and interval contradict each other, ``url`` is not a Redis URL, or a
+            connection option has the wrong type.
     """
 
     def __init__(
@@ -391,23 +501,28 @@ class RedisBroker(Broker):
         )
         #: How often the heartbeat is refreshed (ms).
         self.heartbeat_interval = max(50, min(self.heartbeat_timeout // 4, 5000))
-        if client is not None:
-            self.client: redis.Redis = client
-        elif url is not None:
-            if parameters:
+        self._url = url
+        self._parameters = parameters
+        self._client: redis.Redis | None = client
+        self._client_lock = threading.Lock()
+        #: The native client's settings; None when the broker goes through redis-py.
+        self._params: _resp.ConnectionParams | None = None
+        if client is None:
+            if url is not None and parameters:
                 warnings.warn(
                     f"RedisBroker: url is given, so {sorted(parameters)} are ignored",
                     stacklevel=2,
                 )
-            self.client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url))
-        else:
-            self.client = redis.Redis(**parameters)
+            options = _resp.parse_url(url) if url is not None else parameters
+            if set(options) <= _resp.NATIVE_OPTIONS | _resp.CLIENT_ONLY_OPTIONS:
+                self._params = _resp.ConnectionParams.from_options(options)
+            else:
+                _ = self.client  # options only redis-py understands: use it throughout
         self.namespace = namespace
         self.broker_id = runtime.get_id_source().new_id()
         self._keys = _Keys(namespace)
-        self.scripts: dict[str, Any] = {
-            name: self.client.register_script(_load_script(name)) for name in _SCRIPT_NAMES
-        }
+        #: The Lua scripts by name.
+        self.scripts: dict[str, Script] = {name: _load_script(name) for name in _SCRIPT_NAMES}
         # Declarations live in this process only (nothing is written to Redis): a core
         # state with no messages, whose events drive the declare hooks.
         self._declared = initial_state()
@@ -419,7 +534,7 @@ class RedisBroker(Broker):
         self._max_unpack: int | None = None
         self._closed = False
         self._local = threading.local()
-        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         # Settlements closed consumers could not send (Redis was down): the keeper
         # retries them, so nothing stays in this live process's ack sets for ever.
         self._orphans: list[tuple[str, str, list[str]]] = []
@@ -436,23 +551,91 @@ class RedisBroker(Broker):
         """The class of this broker's consumers."""
         return _RedisConsumer
 
-    def _connection(self) -> Any:
-        """This thread's own connection (same parameters as the client's pool).
+    @property
+    def client(self) -> redis.Redis:
+        """A ``redis.Redis`` of this broker's server: the one given as ``client``, else
+        one built from ``url`` or ``parameters`` on first access (only then is
+        redis-py imported). The broker itself uses its own connections."""
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    from dq.brokers.redis._redispy import (  # noqa: PLC0415 - imports redis-py
+                        redis_client,
+                    )
 
-        Taking a connection from redis-py's pool and returning it costs more than
-        the round trip of a small script, so each thread keeps one: a dedicated
-        connection per consumer, per worker thread, per producing thread.
+                    self._client = redis_client(self._url, self._parameters)
+                client = self._client
+        return client
+
+    def _new_connection(self) -> _Connection:
+        if self._params is not None:
+            return _resp.Connection(self._params)
+        from dq.brokers.redis._redispy import RedisPyConnection  # noqa: PLC0415 - redis-py
+
+        return RedisPyConnection(self.client)
+
+    def _new_subscriber(self) -> _Subscriber:
+        if self._params is not None:
+            return _resp.Subscriber(self._params)
+        from dq.brokers.redis._redispy import RedisPySubscriber  # noqa: PLC0415 - redis-py
+
+        return RedisPySubscriber(self.client)
+
+    def _connection(self) -> _Connection:
+        """This thread's own connection.
+
+        Taking a connection from a pool and returning it costs more than the round
+        trip of a small script, so each thread keeps one: a dedicated connection per
+        consumer, per worker thread, per producing thread.
         """
         local = self._local
-        conn = getattr(local, "conn", None)
+        conn: _Connection | None = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():  # none yet, or inherited by a fork
-            pool = self.client.connection_pool
-            conn = pool.connection_class(**pool.connection_kwargs)
+            conn = self._new_connection()
             local.conn, local.pid = conn, os.getpid()
             self._connections.add(conn)
         return conn
 
-    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _execute(self, *args: _resp.Arg) -> _resp.Reply:
+        """Run one command on this thread's connection.
+
+        Raises:
+            RedisConnectionClosed: the connection failed (the next call opens a new one).
+        """
+        try:
+            return self._connection().execute(*args)
+        except _ERRORS as e:
+            raise _closed(e) from e
+
+    def _pipeline(self, commands: Sequence[Sequence[_resp.Arg]]) -> list[_resp.Reply]:
+        """Run commands in one round trip on this thread's connection.
+
+        Raises:
+            ResponseError: the first error reply (the other commands ran).
+            RedisConnectionClosed: the connection failed.
+        """
+        try:
+            replies = self._connection().pipeline(commands)
+        except _ERRORS as e:
+            raise _closed(e) from e
+        for reply in replies:
+            if isinstance(reply, _resp.ResponseError):
+                raise reply
+        return replies
+
+    def _scan(self, pattern: str) -> list[str]:
+        """Every key matching the glob ``pattern`` (SCAN, not KEYS)."""
+        found: list[str] = []
+        cursor: _resp.Arg = 0
+        while True:
+            reply = _list(self._execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000))
+            cursor = _bytes(reply[0])
+            found.extend(_text(key) for key in _list(reply[1]))
+            if cursor == b"0":
+                return found
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[_resp.Arg]) -> _resp.Reply:
         """Run script ``name`` on this thread's connection (loading it if the server
         does not know it); a connection error closes the connection (the next call
         opens a new one) and raises `RedisConnectionClosed`. Nothing is retried
@@ -461,21 +644,12 @@ class RedisBroker(Broker):
         conn = self._connection()
         try:
             try:
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
-                conn.send_command("SCRIPT", "LOAD", script.script)
-                conn.read_response()
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return conn.read_response()
+                return conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except _resp.NoScriptError:
+                conn.execute("SCRIPT", "LOAD", script.source)
+                return conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except _ERRORS as e:
-            conn.disconnect()
-            raise RedisConnectionClosed(e) from e
-        except BaseException:
-            # An interrupted call (a time limit, a shutdown notification) may leave
-            # a reply unread on the connection: never reuse it.
-            conn.disconnect()
-            raise
+            raise _closed(e) from e
 
     @property
     def max_unpack(self) -> int:
@@ -484,7 +658,7 @@ class RedisBroker(Broker):
         if self._max_unpack is None:
             stack = DEFAULT_LUA_MAX_STACK
             if stack is None:
-                stack = int(self._run("maxstack", (), ()))
+                stack = _int(self._run("maxstack", (), ()))
             self._max_unpack = max(1, stack // 2)
         return self._max_unpack
 
@@ -521,16 +695,16 @@ class RedisBroker(Broker):
         self._forget_self()
         for conn in list(self._connections):
             with contextlib.suppress(Exception):
-                conn.disconnect()
+                conn.close()
 
     def _forget_self(self) -> None:
         """Drop this broker's heartbeat if it holds no message any more (otherwise
         the heartbeat expires and recovery returns what it holds)."""
         try:
             prefix = self._keys.acks(self.broker_id, "")
-            if next(iter(self.client.scan_iter(match=_glob_escape(prefix) + "*")), None) is None:
-                self.client.zrem(self._keys.heartbeats, self.broker_id)
-        except _ERRORS:
+            if not self._scan(_glob_escape(prefix) + "*"):
+                self._execute("ZREM", self._keys.heartbeats, self.broker_id)
+        except RedisConnectionClosed:
             self.logger.warning("Could not remove this broker's heartbeat: Redis is unreachable.")
 
     def _settle_orphans(self) -> None:
@@ -577,10 +751,7 @@ class RedisBroker(Broker):
                         if name == queue_name:
                             known.update(rids)
                 key = self._keys.acks(self.broker_id, queue_name)
-                try:
-                    members = [_text(m) for m in self.client.smembers(key)]
-                except _ERRORS as e:
-                    raise RedisConnectionClosed(e) from e
+                members = [_text(m) for m in _list(self._execute("SMEMBERS", key))]
                 stray = [rid for rid in members if rid not in known]
                 if stray:
                     returned = _settle(self, "requeue", queue_name, stray)
@@ -596,10 +767,7 @@ class RedisBroker(Broker):
 
     def heartbeat(self) -> None:
         """Record that this process is alive (the keeper thread does it on a timer)."""
-        try:
-            self.client.zadd(self._keys.heartbeats, {self.broker_id: _now()})
-        except _ERRORS as e:
-            raise RedisConnectionClosed(e) from e
+        self._execute("ZADD", self._keys.heartbeats, _now(), self.broker_id)
 
     # -- declarations --------------------------------------------------------------------
 
@@ -685,18 +853,24 @@ class RedisBroker(Broker):
             by_queue.setdefault(item[0].queue_name, []).append(item)
         keys = self._keys
         script = self.scripts["enqueue"]
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for name, items in by_queue.items():
-                    for start in range(0, len(items), _ENQUEUE_CHUNK):
-                        args: list[Any] = [keys.channel(name)]
-                        for stored, payload in items[start : start + _ENQUEUE_CHUNK]:
-                            args.append(stored.options["redis_message_id"])
-                            args.append(payload)
-                        script(keys=(keys.queue(name), keys.msgs(name)), args=args, client=pipe)
-                pipe.execute()
-        except _ERRORS as e:
-            raise RedisConnectionClosed(e) from e
+        # The script is loaded in the same round trip, so no EVALSHA can miss it.
+        commands: list[list[_resp.Arg]] = [["SCRIPT", "LOAD", script.source]]
+        for name, items in by_queue.items():
+            for start in range(0, len(items), _ENQUEUE_CHUNK):
+                command: list[_resp.Arg] = [
+                    "EVALSHA",
+                    script.sha,
+                    2,
+                    keys.queue(name),
+                    keys.msgs(name),
+                    keys.channel(name),
+                ]
+                for stored, payload in items[start : start + _ENQUEUE_CHUNK]:
+                    command.append(stored.options["redis_message_id"])
+                    command.append(payload)
+                commands.append(command)
+        if len(commands) > 1:
+            self._pipeline(commands)
         result = [stored for stored, _ in prepared]
         if self._hooks.after_enqueue:
             for stored in result:
@@ -743,52 +917,45 @@ class RedisBroker(Broker):
         keys = self._keys
         now = _now()
         cutoff = now - self.heartbeat_timeout
-        try:
-            dead = [
-                _text(worker)
-                for worker in self.client.zrangebyscore(keys.heartbeats, "-inf", cutoff)
-            ]
-        except _ERRORS as e:
-            raise RedisConnectionClosed(e) from e
+        dead = [
+            _text(worker)
+            for worker in _list(self._execute("ZRANGEBYSCORE", keys.heartbeats, "-inf", cutoff))
+        ]
         dead = [worker for worker in dead if worker != self.broker_id]
         requeued, dead_lettered, forgotten = 0, [], 0
         for worker in dead:
             prefix = keys.acks(worker, "")
-            try:
-                found = [
-                    _text(key)
-                    for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)
-                ]
-            except _ERRORS as e:
-                raise RedisConnectionClosed(e) from e
+            found = self._scan(_glob_escape(prefix) + "*")
             alive = False
             for key in found:
                 queue_name = key[len(prefix) :]
                 canonical = not policy.is_delay_queue(queue_name)
-                reply = self._run(
-                    "recover",
-                    (
-                        keys.heartbeats,
-                        key,
-                        keys.queue(queue_name),
-                        keys.msgs(queue_name),
-                        keys.deliveries(queue_name),
-                        keys.started(queue_name),
-                        keys.dead(queue_name),
-                        keys.dead_msgs(queue_name),
-                    ),
-                    (
-                        worker,
-                        cutoff,
-                        self.max_deliveries if canonical else 0,
-                        now,
-                        keys.channel(queue_name),
-                    ),
+                reply = _list(
+                    self._run(
+                        "recover",
+                        (
+                            keys.heartbeats,
+                            key,
+                            keys.queue(queue_name),
+                            keys.msgs(queue_name),
+                            keys.deliveries(queue_name),
+                            keys.started(queue_name),
+                            keys.dead(queue_name),
+                            keys.dead_msgs(queue_name),
+                        ),
+                        (
+                            worker,
+                            cutoff,
+                            self.max_deliveries if canonical else 0,
+                            now,
+                            keys.channel(queue_name),
+                        ),
+                    )
                 )
-                if int(reply[0]) < 0:
+                if _int(reply[0]) < 0:
                     alive = True
                     break
-                requeued += int(reply[0])
+                requeued += _int(reply[0])
                 for rid in reply[1:]:
                     dead_lettered.append(_text(rid))
                     self.logger.error(
@@ -798,7 +965,7 @@ class RedisBroker(Broker):
                         queue_name,
                         self.max_deliveries,
                     )
-            if not alive and self._run("forget", (keys.heartbeats,), (worker, cutoff)):
+            if not alive and _int(self._run("forget", (keys.heartbeats,), (worker, cutoff))):
                 forgotten += 1
         if requeued:
             self.logger.warning(
@@ -815,7 +982,7 @@ class RedisBroker(Broker):
         removed = 0
         for name in sorted(self.queues):
             while True:
-                count = int(
+                count = _int(
                     self._run(
                         "expire",
                         (self._keys.dead(name), self._keys.dead_msgs(name)),
@@ -838,7 +1005,7 @@ class RedisBroker(Broker):
 
     def _purge(self, queue_name: str) -> int:
         keys = self._keys
-        return int(
+        return _int(
             self._run(
                 "purge",
                 (
@@ -892,14 +1059,10 @@ class RedisBroker(Broker):
         """Return how many messages of ``queue_name`` and its ``.DQ`` are stored
         (waiting or in flight)."""
         name = policy.q_name(queue_name)
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.hlen(self._keys.msgs(name))
-                pipe.hlen(self._keys.msgs(policy.dq_name(name)))
-                replies = pipe.execute()
-        except _ERRORS as e:
-            raise RedisConnectionClosed(e) from e
-        return sum(int(reply) for reply in replies)
+        replies = self._pipeline(
+            [("HLEN", self._keys.msgs(name)), ("HLEN", self._keys.msgs(policy.dq_name(name)))]
+        )
+        return sum(_int(reply) for reply in replies)
 
     # -- Dramatiq's semi-public dispatch ------------------------------------------------------
 
@@ -934,7 +1097,7 @@ class RedisBroker(Broker):
             ),
             (min(n, self.max_unpack), _now(), self.broker_id),
         )
-        return [_bytes(payload) for payload in reply[1::3]]
+        return [_bytes(payload) for payload in _list(reply)[1::3]]
 
     def _do_settle(self, command: str, queue_name: str, *ids: str) -> None:
         _settle(self, command, queue_name, list(ids))
@@ -1003,7 +1166,7 @@ def _settle(broker: RedisBroker, command: str, queue_name: str, rids: list[str])
             (acks, keys.msgs(queue_name), keys.queue(queue_name)),
             [keys.channel(queue_name), *rids],
         )
-    return int(reply)
+    return _int(reply)
 
 
 _DISPATCH: dict[str, Callable[..., Any]] = {
@@ -1091,10 +1254,10 @@ class _RedisConsumer(BufferedConsumer[str]):
                 )
                 if reply:
                     with self._lock:
-                        it = iter(reply)
+                        it = iter(_list(reply))
                         for rid, data, suspect in zip(it, it, it, strict=True):
                             self._buffer.append((_text(rid), _bytes(data)))
-                            if int(suspect):
+                            if _int(suspect):
                                 self._suspects.add(_text(rid))
             broker._maybe_maintain()
             if reply:
@@ -1133,10 +1296,7 @@ class _RedisConsumer(BufferedConsumer[str]):
                 return
             self._suspects.discard(rid)
         broker = self.broker
-        try:
-            broker.client.hset(broker._keys.started(self.queue_name), rid, broker.broker_id)
-        except _ERRORS as e:
-            raise RedisConnectionClosed(e) from e
+        broker._execute("HSET", broker._keys.started(self.queue_name), rid, broker.broker_id)
 
     def nack(self, message: MessageProxy) -> None:
         """Dead-letter ``message``.
