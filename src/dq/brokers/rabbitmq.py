@@ -1,0 +1,1437 @@
+"""`RabbitmqBroker`: Dramatiq's RabbitMQ wire format, explicit connection ownership,
+confirmed publishing and safe long delays.
+
+The broker keeps Dramatiq 2.2.1's topology (``../spec/wire.md`` §4), so dq and Dramatiq
+processes can share one RabbitMQ: for a canonical queue ``q`` the durable queues ``q``,
+``q.DQ`` and ``q.XQ`` on the default exchange, declared with exactly Dramatiq's
+arguments; messages published persistently with the routing key of their queue, the
+``broker_priority`` option as the AMQP priority, and the envelope as the body.
+
+Where Dramatiq is unsafe, dq fixes it without changing what is on the wire:
+
+* **One owner per connection.** pika is not thread-safe. Each producing thread gets
+  its own publisher connection, kept in the visible registry `RabbitmqBroker.publishers`
+  (opened on first use, replaced when it broke, closed by `RabbitmqBroker.close`).
+  Each consumer owns one connection and one channel; every pika call on them is made
+  under the consumer's lock, and a thread that finds the lock taken hands its work to
+  the holder through ``add_callback_threadsafe`` (the holder runs it the next time it
+  processes events, which a waiting consumer does at once).
+* **Settlements never raise into workers.** An ack or nack for a delivery whose
+  channel died is logged once, counted in `RabbitmqBroker.lost_settlements`, and
+  dropped: the server redelivers the message.
+* **Confirms.** With ``confirm_delivery=True`` a publish returns once the server has
+  confirmed it, and a publish that cannot be routed (its queue was deleted) raises
+  `MessageUnroutable` instead of being lost. `RabbitmqBroker.enqueue_many` publishes a
+  whole batch and then waits for its confirms at once.
+* **Nothing is acked before what replaces it is stored.** Requeues, promotions of due
+  delayed messages, retries (``replace``) and re-leases publish the new copy on the
+  consumer's channel in confirm mode (whatever ``confirm_delivery`` says) and only then
+  ack the delivery they replace.
+* **Exact reservations.** Once at least half of its prefetch is free, a consumer opens
+  a short ``basic.consume`` with the free room as prefetch, takes what the queue sends
+  (waiting up to its timeout for the first message when none is ready) and cancels
+  it, so what it holds is exactly what it reserved, as `dq.testing.BrokerConformance`
+  checks.
+* **Long delays are re-leased.** A delivery of a delay queue whose eta is further away
+  than ``lease`` (half of the server's ``consumer_timeout``) is not handed out: the
+  consumer parks it, unacked, and ``lease`` ms after it arrived re-publishes the same
+  body to the same ``q.DQ`` (confirmed) and acks it. No delivery is held unacked for
+  longer than ``lease``, so RabbitMQ never closes the channel for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import inspect
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
+
+import pika
+import pika.channel
+import pika.exceptions
+import pika.frame
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from dq import message as _message
+from dq import runtime
+from dq.broker import Broker, Consumer, MessageProxy
+from dq.brokers._buffered import BufferedConsumer
+from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
+from dq.common import getenv_int
+from dq.core import DeclareQueue, apply, initial_state, policy
+from dq.core import events as ev
+from dq.errors import (
+    BrokerError,
+    ConnectionClosed,
+    ConnectionFailed,
+    DecodeError,
+    QueueJoinTimeout,
+    QueueNotFound,
+)
+from dq.message import Message
+from dq.middleware import Middleware
+from dq.wire import decode_message, encode_message
+
+__all__ = [
+    "DEAD_MESSAGE_TTL",
+    "DEFAULT_CONSUMER_TIMEOUT",
+    "MAX_DECLARE_ATTEMPTS",
+    "MAX_ENQUEUE_ATTEMPTS",
+    "MessageUnroutable",
+    "RabbitmqBroker",
+    "RabbitmqConnectionClosed",
+    "RabbitmqConnectionFailed",
+    "RabbitmqMessage",
+]
+
+M = TypeVar("M", bound=Message[Any])
+R = TypeVar("R")
+
+#: How long RabbitMQ keeps a dead letter (ms): env ``dramatiq_dead_message_ttl``, else
+#: 7 days. Every process sharing the queues must agree (it is a queue argument).
+DEAD_MESSAGE_TTL: Final = getenv_int("dramatiq_dead_message_ttl") or 604_800_000
+#: Attempts (the first included) of a publish that meets connection errors.
+MAX_ENQUEUE_ATTEMPTS: Final = 6
+#: Attempts (the first included) of a queue declaration that meets connection errors.
+MAX_DECLARE_ATTEMPTS: Final = 2
+#: RabbitMQ's default ``consumer_timeout`` (ms): 30 minutes.
+DEFAULT_CONSUMER_TIMEOUT: Final = 1_800_000
+
+_AMQP_ERRORS = (pika.exceptions.AMQPError,)
+_WRITE_CHUNK = 500  # publishes per buffer handed to pika
+_BACKOFF_S = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
+_PARAMETER_NAMES = frozenset(
+    name
+    for name in inspect.signature(pika.ConnectionParameters.__init__).parameters
+    if name not in ("self", "_DEFAULT")
+)
+
+
+class RabbitmqConnectionClosed(ConnectionClosed, pika.exceptions.AMQPConnectionError):
+    """The RabbitMQ connection or channel failed (both a dq `ConnectionClosed` and a
+    pika ``AMQPConnectionError``, so code written for either catches it)."""
+
+
+class RabbitmqConnectionFailed(ConnectionFailed, pika.exceptions.AMQPConnectionError):
+    """No connection to RabbitMQ could be opened (every address and attempt failed)."""
+
+
+class MessageUnroutable(BrokerError):
+    """A confirmed publish was returned by the server: no queue took it (its queue was
+    deleted). The message was not stored; the queue is declared again on the next
+    publish.
+
+    Attributes:
+        queue_names: the queues the returned messages were published to.
+        message_ids: the ids of the returned messages.
+    """
+
+    def __init__(self, queue_names: Sequence[str], message_ids: Sequence[str]) -> None:
+        super().__init__(
+            f"{len(message_ids)} message(s) could not be routed to {sorted(set(queue_names))} "
+            f"(the queue does not exist): {list(message_ids)}"
+        )
+        self.queue_names = tuple(queue_names)
+        self.message_ids = tuple(message_ids)
+
+
+# -- pika plumbing ----------------------------------------------------------------------------
+
+
+def _flush(connection: BlockingConnection, ready: Callable[[], bool]) -> None:
+    """Process I/O on ``connection`` until ``ready()`` (pika's own blocking wait, the
+    one every blocking call uses)."""
+    flush: Callable[..., None] = getattr(connection, "_flush_output")  # noqa: B009
+    flush(ready)
+
+
+def _impl_of(channel: BlockingChannel) -> pika.channel.Channel:
+    impl = getattr(channel, "_impl")  # noqa: B009 - the asynchronous channel underneath
+    assert isinstance(impl, pika.channel.Channel)
+    return impl
+
+
+class _Confirms:
+    """Publisher confirms on one channel, tracked here so a batch of publishes can be
+    sent at once and then waited for together (pika's blocking channel waits after
+    every publish)."""
+
+    def __init__(self, connection: BlockingConnection, channel: BlockingChannel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self._impl = _impl_of(channel)
+        self._next_tag = 0
+        self._outstanding: dict[int, int] = {}  # delivery tag -> index in the batch
+        self._nacked: list[int] = []
+        self._returned: list[tuple[str, bytes]] = []  # (routing key, body)
+        selected: list[bool] = []
+        self._impl.confirm_delivery(
+            ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True)
+        )
+        self._impl.add_on_return_callback(self._on_return)
+        _flush(connection, lambda: bool(selected) or channel.is_closed)
+        if not selected:
+            raise pika.exceptions.ChannelWrongStateError("the channel closed entering confirm mode")
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag = int(method.delivery_tag)
+        if method.multiple:
+            tags = [t for t in self._outstanding if t <= tag]
+        else:
+            tags = [tag] if tag in self._outstanding else []
+        nack = isinstance(method, pika.spec.Basic.Nack)
+        for t in tags:
+            index = self._outstanding.pop(t)
+            if nack:
+                self._nacked.append(index)
+
+    def _on_return(self, _channel: Any, method: Any, _properties: Any, body: bytes) -> None:
+        self._returned.append((str(method.routing_key), bytes(body)))
+
+    def publish(
+        self,
+        items: Sequence[tuple[str, bytes, pika.BasicProperties]],
+        *,
+        wait: bool = True,
+    ) -> tuple[list[int], list[tuple[str, bytes]]]:
+        """Publish ``items`` (routing key, body, properties); with ``wait`` (confirmed
+        publishing), with the mandatory flag, then wait for every confirm.
+
+        Without ``wait`` the frames are written and the call returns: the confirms
+        arrive later and only `sync` waits for them.
+
+        Returns:
+            The indexes of the items the server nacked, and the (routing key, body) of
+            the items it returned as unroutable (both empty without ``wait``).
+
+        Raises:
+            pika.exceptions.AMQPError: the channel or connection failed; items before
+                the failure may or may not be stored.
+        """
+        self._nacked, self._returned = [], []
+        for start in range(0, len(items), _WRITE_CHUNK):
+            chunk = items[start : start + _WRITE_CHUNK]
+            self._write(chunk, mandatory=wait)
+            for index in range(start, start + len(chunk)):
+                self._next_tag += 1
+                self._outstanding[self._next_tag] = index if wait else -1
+        if not wait:
+            _flush(self.connection, lambda: True)  # the frames are written
+            return [], []
+        self.sync()
+        return [i for i in self._nacked if i >= 0], self._returned
+
+    def _write(
+        self, items: Sequence[tuple[str, bytes, pika.BasicProperties]], *, mandatory: bool
+    ) -> None:
+        """Queue the frames of ``items`` for writing, as one buffer.
+
+        pika writes each frame of a publish (method, header, body) with its own system
+        call; marshalling them here and handing pika one buffer sends a publish, or a
+        whole batch, in one. Without pika's internals (another version), publish one
+        by one.
+        """
+        impl = self._impl
+        connection = impl.connection
+        emit = getattr(connection, "_output_marshaled_frames", None)
+        body_max = getattr(connection, "_body_max_length", None)
+        if emit is None or not isinstance(body_max, int) or body_max <= 0:
+            for routing_key, body, properties in items:
+                impl.basic_publish("", routing_key, body, properties, mandatory=mandatory)
+            return
+        if not impl.is_open:
+            raise pika.exceptions.ChannelWrongStateError("the channel is closed")
+        number = impl.channel_number
+        frames: list[bytes] = []
+        for routing_key, body, properties in items:
+            method = pika.spec.Basic.Publish(
+                exchange="", routing_key=routing_key, mandatory=mandatory
+            )
+            frames.append(pika.frame.Method(number, method).marshal())
+            frames.append(pika.frame.Header(number, len(body), properties).marshal())
+            for offset in range(0, len(body), body_max):
+                frames.append(pika.frame.Body(number, body[offset : offset + body_max]).marshal())
+        emit([b"".join(frames)])
+
+    def sync(self) -> None:
+        """Wait until the server confirmed everything published on this channel: it
+        reached its queues (so their counts include it).
+
+        Raises:
+            pika.exceptions.AMQPError: the channel or connection failed.
+        """
+        channel = self.channel
+        _flush(self.connection, lambda: not self._outstanding or channel.is_closed)
+        if self._outstanding:
+            self._outstanding.clear()
+            raise pika.exceptions.ChannelWrongStateError(
+                "the channel closed while waiting for publisher confirms"
+            )
+
+
+def _properties(message: Message[Any]) -> pika.BasicProperties:
+    priority = message.options.get("broker_priority")
+    return pika.BasicProperties(
+        delivery_mode=2, priority=priority if isinstance(priority, int) else None
+    )
+
+
+class _Publisher:
+    """One thread's publishing connection and channel (see `RabbitmqBroker.publishers`)."""
+
+    def __init__(self, broker: RabbitmqBroker) -> None:
+        self.thread = threading.current_thread()
+        self.connection = broker._connect()
+        self.channel, self.confirms = self._open_channel()
+        self.used = time.monotonic()
+
+    def _open_channel(self) -> tuple[BlockingChannel, _Confirms]:
+        # Always in confirm mode: without confirm_delivery nothing waits for the
+        # confirms, but counting (join, get_queue_message_counts) waits for them first,
+        # so it sees every message this thread published.
+        channel = self.connection.channel()
+        return channel, _Confirms(self.connection, channel)
+
+    @property
+    def usable(self) -> bool:
+        """Whether the connection is open. After a second without use, pending I/O is
+        processed first: a close from the server (missed heartbeats) shows up then,
+        rather than as an unconfirmed publish written into a dead socket."""
+        now = time.monotonic()
+        if now - self.used > 1.0 and self.connection.is_open:
+            try:
+                self.connection.process_data_events(0)
+            except _AMQP_ERRORS:
+                return False
+        self.used = now
+        return bool(self.connection.is_open)
+
+    def ensure_channel(self) -> None:
+        """Open a new channel if the server closed the last one (a 404, a 406)."""
+        if self.channel.is_closed:
+            self.channel, self.confirms = self._open_channel()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection
+            if self.connection.is_open:
+                self.connection.close()
+
+
+class RabbitmqBroker(Broker):
+    """A broker on RabbitMQ, wire-compatible with Dramatiq 2.2.1.
+
+    Args:
+        confirm_delivery: publish in confirm mode with the mandatory flag: `enqueue`
+            returns once the server stored the message, and raises
+            `MessageUnroutable` when no queue took it.
+        url: an AMQP URL, several separated by ``;``, or a list of URLs: pika tries
+            them in order (fail-over). ``kwargs`` refine each URL's parameters.
+        middleware: as for `Broker`.
+        max_priority: adds ``x-max-priority`` to the queues (1..255), so the
+            ``broker_priority`` message option orders them on the server.
+        parameters: a list of dicts of ``pika.ConnectionParameters`` keywords, tried in
+            order (not with ``url``, nor with ``kwargs``).
+        consumer_timeout: the server's ``consumer_timeout`` (ms). Consumers never hold
+            a delivery unacked for more than half of it (`lease`).
+        **kwargs: ``pika.ConnectionParameters`` keywords. Without ``url`` and
+            ``parameters`` the host defaults to ``127.0.0.1``.
+
+    Raises:
+        ValueError: ``max_priority`` is not in 1..255, or ``consumer_timeout`` is not an
+            integer >= 2.
+        RuntimeError: ``url`` and ``parameters`` (or ``parameters`` and ``kwargs``) are
+            both given.
+        TypeError: a keyword is not a pika connection parameter (the message names it).
+
+    Attributes:
+        parameters: the pika connection parameters, in fail-over order.
+        publishers: thread id -> that thread's publishing connection and channel.
+        lost_settlements: acks and nacks dropped because their channel had died (the
+            server redelivers those messages).
+        re_leased: deliveries of delay queues re-published because their eta was
+            further away than `lease`.
+        join_min_successes: the default of `join`'s ``min_successes``.
+    """
+
+    def __init__(
+        self,
+        *,
+        confirm_delivery: bool = False,
+        url: str | list[str] | None = None,
+        middleware: list[Middleware] | None = None,
+        max_priority: int | None = None,
+        parameters: list[dict[str, Any]] | None = None,
+        consumer_timeout: int = DEFAULT_CONSUMER_TIMEOUT,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(middleware)
+        if max_priority is not None and not (
+            is_whole(max_priority, 1) and int(max_priority) <= 255
+        ):
+            raise ValueError("max_priority must be a value between 0 and 255")
+        if not is_whole(consumer_timeout, 2):
+            raise ValueError(
+                f"consumer_timeout must be an integer >= 2 (ms, the server's setting), "
+                f"got {consumer_timeout!r}"
+            )
+        self.parameters: list[pika.ConnectionParameters | pika.URLParameters] = _parameters(
+            url, parameters, kwargs
+        )
+        self.confirm_delivery = bool(confirm_delivery)
+        self.max_priority = max_priority
+        self.consumer_timeout = consumer_timeout
+        #: Longest time (ms) a consumer holds a delivery unacked: half the server's limit.
+        self.lease = consumer_timeout // 2
+        self.join_min_successes = 10
+        self.publishers: dict[int, _Publisher] = {}
+        self._publishers_lock = threading.Lock()
+        self._declared = initial_state()
+        self._declare_lock = threading.Lock()
+        self._ensured: set[str] = set()  # canonical queues declared on the server
+        self._consumers: set[_RabbitmqConsumer] = set()
+        self._stats_lock = threading.Lock()
+        self.lost_settlements = 0
+        self.re_leased = 0
+
+    # -- connections ----------------------------------------------------------------------
+
+    @property
+    def consumer_class(self) -> type[Consumer]:
+        """The class of this broker's consumers."""
+        return _RabbitmqConsumer
+
+    def _connect(self) -> BlockingConnection:
+        """Open a connection, trying each address in order (each with its own
+        ``connection_attempts`` and ``retry_delay``).
+
+        Raises:
+            RabbitmqConnectionFailed: none could be opened.
+        """
+        try:
+            return BlockingConnection(self.parameters)
+        except _AMQP_ERRORS as e:
+            raise RabbitmqConnectionFailed(
+                f"could not connect to RabbitMQ at {_addresses(self.parameters)}: {e!r}"
+            ) from e
+
+    def _publisher(self) -> _Publisher:
+        """The calling thread's publisher, opened on first use and replaced if its
+        connection broke."""
+        ident = threading.get_ident()
+        publisher = self.publishers.get(ident)
+        if publisher is not None and publisher.thread is threading.current_thread():
+            if publisher.usable:
+                try:
+                    publisher.ensure_channel()
+                    return publisher
+                except _AMQP_ERRORS:
+                    pass
+            self._discard(publisher)
+        elif publisher is not None:  # a dead thread's id was reused
+            self._discard(publisher)
+        publisher = _Publisher(self)
+        with self._publishers_lock:
+            stale = [(i, p) for i, p in self.publishers.items() if not p.thread.is_alive()]
+            for i, _ in stale:
+                del self.publishers[i]
+            self.publishers[ident] = publisher
+        for _, p in stale:
+            p.close()
+        return publisher
+
+    def _discard(self, publisher: _Publisher) -> None:
+        """Close and forget a publisher (its connection broke, or its thread ended)."""
+        with self._publishers_lock:
+            for ident, p in list(self.publishers.items()):
+                if p is publisher:
+                    del self.publishers[ident]
+        publisher.close()
+
+    @property
+    def connection(self) -> BlockingConnection:
+        """The calling thread's publishing connection (opened on first use).
+
+        Raises:
+            RabbitmqConnectionFailed: it could not be opened.
+        """
+        return self._publisher().connection
+
+    @property
+    def channel(self) -> BlockingChannel:
+        """The calling thread's publishing channel (in confirm mode with
+        ``confirm_delivery``).
+
+        Raises:
+            RabbitmqConnectionFailed: its connection could not be opened.
+        """
+        return self._publisher().channel
+
+    def close(self) -> None:
+        """Close every publisher connection (consumers are closed by their owners
+        first; a worker's `stop` does that). AMQP errors are ignored. A later publish
+        opens a new connection, as with Dramatiq."""
+        with self._publishers_lock:
+            publishers, self.publishers = list(self.publishers.values()), {}
+        for publisher in publishers:
+            publisher.close()
+
+    # -- declarations ------------------------------------------------------------------------
+
+    def declare_queue(self, queue_name: str, *, ensure: bool = False) -> None:
+        """Declare ``queue_name`` (a queue or its ``.DQ``) and its delay queue in this
+        process, running the declare hooks (a running Worker starts consuming both).
+
+        Args:
+            queue_name: the queue.
+            ensure: also create ``q``, ``q.DQ`` and ``q.XQ`` on the server now (else
+                that happens on the first publish or consume).
+
+        Raises:
+            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
+            RabbitmqConnectionClosed: ``ensure`` and the server could not be reached.
+        """
+        with self._declare_lock:
+            if policy.q_name(queue_name) not in self._declared.queues:
+                if queue_name.endswith(policy.DEAD_SUFFIX):
+                    raise QueueNotFound(queue_name)
+                self._run_before(self._hooks.before_declare_queue, policy.q_name(queue_name))
+                step = apply(self._declared, DeclareQueue(queue_name))
+                self._declared = step.state
+                for event in step.events:
+                    if isinstance(event, ev.QueueDeclared):
+                        self.queues[event.queue_name] = event.queue_name
+                        self._run_after(self._hooks.after_declare_queue, event.queue_name)
+                    elif isinstance(event, ev.DelayQueueDeclared):
+                        self.delay_queues.add(event.queue_name)
+                        self._run_after(self._hooks.after_declare_delay_queue, event.queue_name)
+        if ensure:
+            name = policy.q_name(queue_name)
+            for attempt in range(MAX_DECLARE_ATTEMPTS):
+                try:
+                    self._ensure(self._publisher().channel, name)
+                    return
+                except _AMQP_ERRORS as e:
+                    self._discard_current()
+                    if attempt + 1 >= MAX_DECLARE_ATTEMPTS:
+                        raise RabbitmqConnectionClosed(e) from e
+                    time.sleep(_BACKOFF_S[attempt + 1])
+
+    def _discard_current(self) -> None:
+        publisher = self.publishers.get(threading.get_ident())
+        if publisher is not None:
+            self._discard(publisher)
+
+    def queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        """The arguments ``queue_name`` (``q``, ``q.DQ`` or ``q.XQ``) is declared with:
+        exactly Dramatiq's."""
+        if queue_name.endswith(policy.DEAD_SUFFIX):
+            return {"x-message-ttl": DEAD_MESSAGE_TTL}
+        arguments: dict[str, Any] = {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": policy.xq_name(queue_name),
+        }
+        if self.max_priority:
+            arguments["x-max-priority"] = self.max_priority
+        return arguments
+
+    def _declare_on(self, channel: BlockingChannel, queue_name: str) -> int:
+        """Declare one queue with its arguments; return its ready-message count."""
+        frame = channel.queue_declare(
+            queue=queue_name, durable=True, arguments=self.queue_arguments(queue_name)
+        )
+        return int(frame.method.message_count)
+
+    def _ensure(self, channel: BlockingChannel, canonical: str, *, force: bool = False) -> None:
+        """Create ``canonical``, its ``.DQ`` and ``.XQ`` on the server (once per process
+        unless ``force``)."""
+        if canonical in self._ensured and not force:
+            return
+        for name in (canonical, policy.dq_name(canonical), policy.xq_name(canonical)):
+            self._declare_on(channel, name)
+        self._ensured.add(canonical)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _prepare(self, message: M, delay: int | None, now_ms: int) -> tuple[M, bytes]:
+        """The copy to store (on ``q.DQ`` with an eta when delayed) and its bytes, after
+        the ``before_enqueue`` hooks."""
+        message = delayed_if_asked(message, delay, now_ms)
+        if self._hooks.before_enqueue:
+            self._run_before(self._hooks.before_enqueue, message, delay)
+        return message, encode_message(message, _message.global_encoder)
+
+    def enqueue(self, message: M, *, delay: int | None = None) -> M:
+        """Publish ``message``; with ``delay`` (ms), a copy on ``q.DQ`` with an ``eta``.
+
+        The queue need not be declared in this process: its three queues are created
+        on the server on the first publish (no declare hooks run, so a running Worker
+        does not start consuming it).
+
+        Returns:
+            The message as stored.
+
+        Raises:
+            ValueError: ``delay`` is not a whole number of ms >= 0.
+            MessageUnroutable: ``confirm_delivery`` and no queue took it.
+            RabbitmqConnectionClosed: every attempt met a connection error.
+        """
+        stored, payload = self._prepare(message, delay, runtime.get_clock().now_ms())
+        self._publish([(stored, payload)])
+        if self._hooks.after_enqueue:
+            self._run_after(self._hooks.after_enqueue, stored, delay)
+        return stored
+
+    def enqueue_many(self, messages: Iterable[M], *, delay: int | None = None) -> list[M]:
+        """Publish many messages at once; with ``confirm_delivery``, every publish is
+        sent first and the confirms are then awaited together.
+
+        Returns:
+            The messages as stored, in the order given.
+
+        Raises:
+            ValueError, TypeError: as `enqueue`; nothing is published.
+            MessageUnroutable: ``confirm_delivery`` and some messages were returned
+                (the others are stored).
+            RabbitmqConnectionClosed: every attempt met a connection error.
+        """
+        now = runtime.get_clock().now_ms()
+        prepared = [self._prepare(message, delay, now) for message in messages]
+        if prepared:
+            self._publish(prepared)
+        result = [stored for stored, _ in prepared]
+        if self._hooks.after_enqueue:
+            for stored in result:
+                self._run_after(self._hooks.after_enqueue, stored, delay)
+        return result
+
+    def _publish(self, prepared: Sequence[tuple[Message[Any], bytes]]) -> None:
+        """Publish on the calling thread's channel, retrying connection errors with
+        backoff; with confirms, only what was not confirmed is sent again."""
+        todo = list(prepared)
+        for attempt in range(MAX_ENQUEUE_ATTEMPTS):
+            if attempt:
+                time.sleep(_BACKOFF_S[attempt])
+            try:
+                publisher = self._publisher()
+                channel = publisher.channel
+                for canonical in {policy.q_name(m.queue_name) for m, _ in todo}:
+                    self._ensure(channel, canonical)
+                items = [(m.queue_name, payload, _properties(m)) for m, payload in todo]
+                nacked, returned = publisher.confirms.publish(items, wait=self.confirm_delivery)
+            except RabbitmqConnectionFailed as e:
+                if attempt + 1 >= MAX_ENQUEUE_ATTEMPTS:
+                    raise RabbitmqConnectionClosed(e) from e
+                continue
+            except _AMQP_ERRORS as e:
+                self._discard_current()
+                if attempt + 1 >= MAX_ENQUEUE_ATTEMPTS:
+                    raise RabbitmqConnectionClosed(e) from e
+                self.logger.debug("Publish failed (%r); retrying [%d].", e, attempt + 1)
+                continue
+            if returned:
+                for routing_key, _ in returned:
+                    self._ensured.discard(policy.q_name(routing_key))
+                bodies = {payload: m.message_id for m, payload in todo}
+                raise MessageUnroutable(
+                    [key for key, _ in returned], [bodies.get(body, "?") for _, body in returned]
+                )
+            if not nacked:
+                return
+            todo = [todo[i] for i in nacked]
+            self.logger.warning("The server nacked %d publishes; sending them again.", len(todo))
+        raise RabbitmqConnectionClosed(
+            f"the server nacked {len(todo)} publishes {MAX_ENQUEUE_ATTEMPTS} times"
+        )
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        """Return a consumer of ``queue_name`` (a queue or its ``.DQ``) with its own
+        connection; declares the queue (locally and on the server) first.
+
+        Args:
+            queue_name: the queue.
+            prefetch: how many unsettled messages the consumer may hold.
+            timeout: ms ``next()`` waits before raising ``StopIteration``.
+
+        Raises:
+            QueueNotFound: ``queue_name`` names a dead-letter queue.
+            ValueError: ``prefetch`` < 1 or ``timeout`` < 0.
+            RabbitmqConnectionClosed: the server could not be reached.
+        """
+        if queue_name.endswith(policy.DEAD_SUFFIX):
+            raise QueueNotFound(queue_name)
+        check_consume_arguments(prefetch, timeout)
+        self.declare_queue(queue_name)
+        return _RabbitmqConsumer(self, queue_name, prefetch, timeout)
+
+    def _count_lost(self, n: int = 1) -> None:
+        with self._stats_lock:
+            self.lost_settlements += n
+
+    def _count_re_leased(self) -> None:
+        with self._stats_lock:
+            self.re_leased += 1
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def get_queue_message_counts(self, queue_name: str) -> tuple[int, int, int]:
+        """Return the ready-message counts of ``q``, ``q.DQ`` and ``q.XQ`` (declaring
+        them as Dramatiq does; unacked messages are not counted). A test helper.
+
+        Raises:
+            RabbitmqConnectionClosed: the server could not be reached.
+        """
+        name = policy.q_name(queue_name)
+        try:
+            publisher = self._publisher()
+            publisher.confirms.sync()
+            channel = publisher.channel
+            counts = [
+                self._declare_on(channel, n)
+                for n in (name, policy.dq_name(name), policy.xq_name(name))
+            ]
+        except _AMQP_ERRORS as e:
+            self._discard_current()
+            raise RabbitmqConnectionClosed(e) from e
+        self._ensured.add(name)
+        return counts[0], counts[1], counts[2]
+
+    def flush(self, queue_name: str) -> None:
+        """Drop the ready messages of ``q``, ``q.DQ`` and ``q.XQ`` (unacked ones stay
+        with their consumers). Missing queues are skipped.
+
+        Raises:
+            RabbitmqConnectionClosed: the server could not be reached.
+        """
+        name = policy.q_name(queue_name)
+        for target in (name, policy.dq_name(name), policy.xq_name(name)):
+            try:
+                publisher = self._publisher()
+                publisher.confirms.sync()
+                publisher.channel.queue_purge(target)
+            except pika.exceptions.ChannelClosedByBroker:
+                continue  # a 404: the next call opens a new channel
+            except _AMQP_ERRORS as e:
+                self._discard_current()
+                raise RabbitmqConnectionClosed(e) from e
+
+    def flush_all(self) -> None:
+        """Flush every queue declared in this process."""
+        for name in sorted(self.queues):
+            self.flush(name)
+
+    def unsettled(self, queue_name: str) -> int:
+        """How many messages of ``q`` and ``q.DQ`` this process's consumers hold
+        (reserved or parked, not yet acked or nacked)."""
+        name = policy.q_name(queue_name)
+        return sum(
+            c._outstanding for c in list(self._consumers) if policy.q_name(c.queue_name) == name
+        )
+
+    def join(
+        self,
+        queue_name: str,
+        min_successes: int | None = None,
+        idle_time: int = 100,
+        *,
+        timeout: int | None = None,
+    ) -> None:
+        """Block until ``q`` and ``q.DQ`` have no ready message and this process's
+        consumers hold none of theirs, in ``min_successes`` consecutive checks
+        ``idle_time`` ms apart (Dramatiq's test helper; dead letters are not counted).
+        Unacked messages of other processes are invisible: more checks make that
+        less likely to matter.
+
+        Args:
+            queue_name: the queue.
+            min_successes: consecutive empty checks needed (default
+                `join_min_successes`, 10).
+            idle_time: ms between two checks.
+            timeout: ms to wait at most; None waits forever.
+
+        Raises:
+            QueueJoinTimeout: ``timeout`` passed first.
+            RabbitmqConnectionClosed: the server could not be reached.
+        """
+        needed = self.join_min_successes if min_successes is None else min_successes
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        successes = 0
+        while True:
+            ready, delayed, _ = self.get_queue_message_counts(queue_name)
+            if ready + delayed + self.unsettled(queue_name) == 0:
+                successes += 1
+                if successes >= needed:
+                    return
+            else:
+                successes = 0
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueJoinTimeout(queue_name)
+                time.sleep(min(idle_time / 1000, remaining))
+            else:
+                time.sleep(idle_time / 1000)
+
+
+def _addresses(parameters: Sequence[pika.ConnectionParameters | pika.URLParameters]) -> str:
+    return ", ".join(f"{p.host}:{p.port}" for p in parameters)
+
+
+def _parameters(
+    url: str | list[str] | None,
+    parameters: list[dict[str, Any]] | None,
+    kwargs: dict[str, Any],
+) -> list[pika.ConnectionParameters | pika.URLParameters]:
+    """The connection parameters of the constructor's arguments (see `RabbitmqBroker`)."""
+    unknown = sorted(set(kwargs) - _PARAMETER_NAMES)
+    if unknown:
+        raise TypeError(
+            f"RabbitmqBroker got unexpected keyword argument(s) {unknown}: they are not "
+            f"pika.ConnectionParameters keywords ({sorted(_PARAMETER_NAMES)})"
+        )
+    if url is not None:
+        if parameters is not None:
+            raise RuntimeError(
+                "RabbitmqBroker takes 'url' or 'parameters', not both: give the addresses "
+                "as a list of URLs, or as a list of parameter dicts"
+            )
+        given: list[object] = list(url.split(";") if isinstance(url, str) else url)
+        if not all(isinstance(u, str) for u in given):
+            raise TypeError(f"url must be a string or a list of strings, got {url!r}")
+        urls = [str(u).strip() for u in given if str(u).strip()]
+        if not urls:
+            raise ValueError(f"url names no address: {url!r}")
+        result: list[pika.ConnectionParameters | pika.URLParameters] = []
+        for u in urls:
+            params = pika.URLParameters(u)
+            for key, value in kwargs.items():
+                setattr(params, key, value)  # pika validates each value
+            result.append(params)
+        return result
+    if parameters is not None:
+        if kwargs:
+            raise RuntimeError(
+                f"RabbitmqBroker takes 'parameters' or connection keywords, not both (got "
+                f"{sorted(kwargs)})"
+            )
+        given_parameters: list[object] = list(parameters)
+        if not all(isinstance(p, dict) for p in given_parameters):
+            raise TypeError(
+                f"parameters must be a list of dicts of pika.ConnectionParameters keywords, "
+                f"got {parameters!r}"
+            )
+        return [pika.ConnectionParameters(**p) for p in parameters]
+    return [pika.ConnectionParameters(**{"host": "127.0.0.1", **kwargs})]
+
+
+# -- the consumer ---------------------------------------------------------------------------
+
+
+class _Delivery(NamedTuple):
+    """A consumer's handle on one delivery."""
+
+    tag: int
+    redelivered: bool
+
+
+class RabbitmqMessage(MessageProxy):
+    """A message delivered by a RabbitMQ consumer.
+
+    Attributes:
+        redelivered: whether RabbitMQ delivered it before (its channel closed, or a
+            consumer rejected it).
+    """
+
+    redelivered: bool
+
+
+class _Body(NamedTuple):
+    payload: bytes
+    properties: pika.BasicProperties
+    received_ms: int
+
+
+class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
+    """A consumer of one RabbitMQ queue, owning its connection and channel.
+
+    It reserves in batches (see `_reserve`), hands messages out one per
+    ``next()``, and takes acks from any thread: the thread that can take the
+    connection's lock sends them, others leave them to whoever holds it.
+    `BufferedConsumer` gives it the buffer, the held messages and grouped acks; its
+    ``__next__`` is its own, to hand out `RabbitmqMessage` proxies (``redelivered``).
+    """
+
+    broker: RabbitmqBroker
+
+    def __init__(
+        self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int
+    ) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)
+        self._room = threading.Condition(self._lock)
+        self._io = threading.RLock()  # held by whoever uses the connection
+        self._bodies: dict[int, _Body] = {}  # every unsettled delivery's payload
+        self._parked: list[tuple[int, int]] = []  # (re-lease time ms, tag), a heap
+        self._outbox: list[tuple[str, int]] = []  # ("ack" | "nack", tag) to send
+        self._dead = False
+        self._qos: int | None = None  # the per-consumer prefetch set on the channel
+        self._lingering: str | None = None  # a consume left open (see _reserve)
+        self._tasks = 0  # work other threads handed to the connection's holder
+        self._is_delay = policy.is_delay_queue(queue_name)
+        try:
+            self.connection = broker._connect()
+            self.channel = self.connection.channel()
+            self._confirms = _Confirms(self.connection, self.channel)
+            broker._ensure(self.channel, policy.q_name(queue_name))
+        except RabbitmqConnectionFailed as e:
+            raise RabbitmqConnectionClosed(e) from e
+        except _AMQP_ERRORS as e:
+            self._close_connection()
+            raise RabbitmqConnectionClosed(e) from e
+        broker._consumers.add(self)
+
+    @property
+    def _outstanding(self) -> int:
+        return len(self._buffer) + len(self._held) + len(self._parked)
+
+    def _tag(self, message: MessageProxy) -> _Delivery:
+        tag = message._tag
+        if not isinstance(tag, _Delivery):
+            raise ValueError(f"{message!r} was not delivered by a RabbitmqBroker consumer")
+        return tag
+
+    # -- running code on the connection -------------------------------------------------------
+
+    def _on_owner(self, fn: Callable[[], R]) -> R:
+        """Run ``fn`` (pika calls) with the connection to itself: at once if its lock is
+        free, else handed to the holder through pika's thread-safe callback (pumping
+        the connection here whenever the holder lets go of it)."""
+        if self._io.acquire(blocking=False):
+            try:
+                return fn()
+            finally:
+                self._io.release()
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+
+        def task() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as e:
+                box.append((False, e))
+            finally:
+                done.set()
+
+        with self._lock:
+            self._tasks += 1
+        try:
+            self.connection.add_callback_threadsafe(task)
+            self._wait_task(done)
+        finally:
+            with self._lock:
+                self._tasks -= 1
+        ok, value = box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]  # what fn returned
+        raise value
+
+    def _wait_task(self, done: threading.Event) -> None:
+        while not done.wait(0.01):
+            if self._io.acquire(blocking=False):
+                try:
+                    if not done.is_set():
+                        self.connection.process_data_events(0)
+                finally:
+                    self._io.release()
+
+    def _lost(self, tags: Iterable[int], what: str) -> None:
+        """Count and log settlements whose channel died (the server redelivers)."""
+        tags = list(tags)
+        if not tags:
+            return
+        self.broker._count_lost(len(tags))
+        for tag in tags:
+            self.broker.logger.warning(
+                "Could not %s delivery %d of %r: its channel is closed; RabbitMQ will "
+                "redeliver the message.",
+                what,
+                tag,
+                self.queue_name,
+            )
+        with self._lock:
+            for tag in tags:
+                self._bodies.pop(tag, None)
+
+    def _drain_outbox(self) -> None:
+        """Send queued acks and nacks (call with ``_io`` held)."""
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+        if not outbox:
+            return
+        if self._dead or not self.channel.is_open:
+            self._dead = True
+            self._lost([t for k, t in outbox if k == "ack"], "ack")
+            self._lost([t for k, t in outbox if k == "nack"], "nack")
+            return
+        try:
+            # Frames written on the asynchronous channel and flushed once: one write
+            # for the whole batch instead of one per ack.
+            impl = _impl_of(self.channel)
+            for kind, tag in outbox:
+                if kind == "ack":
+                    impl.basic_ack(tag)
+                else:
+                    impl.basic_nack(tag, requeue=False)
+            _flush(self.connection, _always)
+        except _AMQP_ERRORS:
+            self._dead = True
+            self._lost([t for _, t in outbox], "settle")
+            return
+        with self._lock:
+            for _, tag in outbox:
+                self._bodies.pop(tag, None)
+
+    def _settle_soon(self, kind: str, tags: list[int]) -> None:
+        """Queue acks/nacks and send them now if the connection is free, else wake its
+        holder to send them."""
+        with self._lock:
+            first = not self._outbox
+            self._outbox.extend((kind, tag) for tag in tags)
+        if self._io.acquire(blocking=False):
+            try:
+                self._drain_outbox()
+            finally:
+                self._io.release()
+            return
+        if first:
+            try:
+                self.connection.add_callback_threadsafe(self._drain_from_callback)
+            except _AMQP_ERRORS:
+                with self._lock:
+                    outbox, self._outbox = self._outbox, []
+                self._dead = True
+                self._lost([t for _, t in outbox], kind)
+
+    def _drain_from_callback(self) -> None:
+        with self._io:
+            self._drain_outbox()
+
+    # -- BufferedConsumer ---------------------------------------------------------------------
+
+    def _send_ack_batch(self, batch: list[_Delivery]) -> None:
+        self._settle_soon("ack", [d.tag for d in batch])
+
+    def _dead_letter(self, tag: _Delivery) -> None:
+        self._settle_soon("nack", [tag.tag])
+        self._forget([tag])
+
+    def _room_freed(self) -> None:
+        with self._room:
+            self._room.notify_all()
+
+    def _fetch(self, deadline: float) -> bool:
+        """Reserve up to the free prefetch (see `_reserve`), waiting until ``deadline``
+        for a message when none is ready; return whether the buffer has items."""
+        while True:
+            with self._lock:
+                room = self.prefetch - self._outstanding
+                while room < self._min_batch:
+                    remaining = deadline - time.monotonic()
+                    if self._parked:
+                        remaining = min(remaining, self._parked_wait())
+                    if remaining <= 0 or self._closed or self._outbox:
+                        break
+                    self._room.wait(remaining)
+                    room = self.prefetch - self._outstanding
+            with self._io:
+                self._check_alive()
+                try:
+                    self._cancel_lingering()
+                except _AMQP_ERRORS as e:
+                    self._dead = True
+                    raise RabbitmqConnectionClosed(e) from e
+                self._drain_outbox()
+                self._release_parked()
+                with self._lock:
+                    if self._buffer:  # what a lingering consume delivered
+                        return True
+                    room = self.prefetch - self._outstanding
+                if room < self._min_batch:
+                    if time.monotonic() >= deadline or self._closed:
+                        return False
+                    continue
+                wait = deadline - time.monotonic()
+                if self._parked:
+                    wait = min(wait, self._parked_wait())
+                got = self._reserve(room, wait if not self._closed else 0.0)
+                if self._buffer:
+                    return True
+                if not got and time.monotonic() >= deadline:
+                    return False
+
+    def _cancel_lingering(self) -> None:
+        """Cancel the consume a reservation left open, after taking what it delivered
+        (call with ``_io``)."""
+        tag, self._lingering = self._lingering, None
+        if tag is not None and self.channel.is_open:
+            self.connection.process_data_events(0)
+            self.channel.basic_cancel(tag)
+
+    def _check_alive(self) -> None:
+        """Process pending I/O (heartbeats, a close from the server, callbacks of other
+        threads) and raise if the connection or channel is gone (call with ``_io``)."""
+        if not self._dead:
+            try:
+                self.connection.process_data_events(0)
+            except _AMQP_ERRORS:
+                self._dead = True
+        if self._dead or not self.channel.is_open or not self.connection.is_open:
+            self._dead = True
+            raise RabbitmqConnectionClosed(
+                f"the connection of the consumer of {self.queue_name!r} is closed"
+            )
+
+    def _parked_wait(self) -> float:
+        return max(0.0, (self._parked[0][0] - runtime.get_clock().now_ms()) / 1000)
+
+    def _take(self, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+        """Record one delivery: buffered to hand out, or parked (a far delay)."""
+        tag = int(method.delivery_tag)
+        now = runtime.get_clock().now_ms()
+        with self._lock:
+            self._bodies[tag] = _Body(bytes(body), properties, now)
+            delivery = _Delivery(tag, bool(method.redelivered))
+            if self._is_delay:
+                eta = _eta_of(body)
+                if eta is not None and eta > now + self.broker.lease:
+                    heapq.heappush(self._parked, (now + self.broker.lease, tag))
+                    return
+            self._buffer.append((delivery, bytes(body)))
+
+    def _reserve(self, room: int, wait_s: float) -> int:
+        """Reserve up to ``room`` messages in one go; if none is ready, wait up to
+        ``wait_s`` for the first. Return how many were reserved (call with ``_io``).
+
+        A consume of prefetch ``room`` takes what is ready: the queue sends its
+        deliveries before it answers the consume, so they are all here once a round
+        trip made after the consume-ok returns. The consume is then cancelled, so the
+        consumer holds exactly what it reserved (deliveries racing the cancel are
+        rejected by pika and go back to the head of the queue). When the first message
+        came while waiting, the cancel is left for the next reservation (`_lingering`),
+        so that message is handed out without waiting for the cancel's round trip;
+        what arrives meanwhile is reserved too, within the prefetch.
+        """
+        connection = self.connection
+        channel = self.channel
+        arrived: list[int] = []  # delivery tags (a list: the callback appends to it)
+
+        def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            self._take(method, properties, body)
+            arrived.append(int(method.delivery_tag))
+
+        try:
+            if self._qos != room:
+                channel.basic_qos(prefetch_count=room)
+                self._qos = room
+            tag = channel.basic_consume(self.queue_name, on_message)
+            channel.basic_qos(prefetch_count=room)  # a round trip after the deliveries
+            connection.process_data_events(0)  # hands them to on_message
+            if arrived:
+                channel.basic_cancel(tag)
+                return len(arrived)
+            end = time.monotonic() + wait_s
+            while not arrived and not self._closed and not self._outbox and not self._tasks:
+                remaining = end - time.monotonic()
+                if remaining <= 0 or channel.is_closed:
+                    break
+                connection.process_data_events(time_limit=remaining)
+            if arrived and not self._closed:
+                self._lingering = tag
+            elif channel.is_open:
+                channel.basic_cancel(tag)
+        except _AMQP_ERRORS as e:
+            self._dead = True
+            if getattr(e, "reply_code", None) == 404:  # the queue was deleted
+                self.broker._ensured.discard(policy.q_name(self.queue_name))
+            raise RabbitmqConnectionClosed(e) from e
+        if channel.is_closed:
+            self._dead = True
+            raise RabbitmqConnectionClosed(
+                f"the channel of the consumer of {self.queue_name!r} was closed by the server"
+            )
+        return len(arrived)
+
+    # -- re-leasing far delays ---------------------------------------------------------------
+
+    def _release_parked(self) -> None:
+        """Re-publish parked deliveries whose lease is up, then ack them (call with
+        ``_io`` held)."""
+        now = runtime.get_clock().now_ms()
+        while self._parked and self._parked[0][0] <= now:
+            _, tag = self._parked[0]
+            body = self._bodies[tag]
+            self._republish(self.queue_name, body.payload, body.properties)
+            try:
+                self.channel.basic_ack(tag)
+            except _AMQP_ERRORS as e:
+                self._dead = True
+                raise RabbitmqConnectionClosed(e) from e
+            with self._lock:
+                heapq.heappop(self._parked)
+                self._bodies.pop(tag, None)
+            self.broker._count_re_leased()
+            self._room_freed()
+
+    def _republish(self, queue_name: str, payload: bytes, properties: pika.BasicProperties) -> None:
+        """Publish a copy on this consumer's channel and wait for its confirm."""
+        try:
+            self.broker._ensure(self.channel, policy.q_name(queue_name))
+            nacked, returned = self._confirms.publish([(queue_name, payload, properties)])
+        except _AMQP_ERRORS as e:
+            self._dead = True
+            raise RabbitmqConnectionClosed(e) from e
+        if returned:
+            self.broker._ensured.discard(policy.q_name(queue_name))
+            raise MessageUnroutable([queue_name], [_message_id_of(payload)])
+        if nacked:
+            raise RabbitmqConnectionClosed(f"the server nacked a publish to {queue_name!r}")
+
+    # -- the consumer API -----------------------------------------------------------------------
+
+    def __next__(self) -> MessageProxy:
+        if self._outbox and self._io.acquire(blocking=False):
+            try:
+                self._drain_outbox()
+            finally:
+                self._io.release()
+        deadline = time.monotonic() + self.timeout / 1000
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StopIteration
+                item = self._buffer.popleft() if self._buffer else None
+                if item is not None:
+                    self._held[item[0]] = None
+            if item is None:
+                if not self._fetch(deadline):
+                    raise StopIteration
+                continue
+            delivery, payload = item
+            try:
+                message = decode_message(payload, _message.global_encoder, Message)
+            except DecodeError as e:
+                self.broker.logger.error(
+                    "Dead-lettering undecodable delivery %d on %r: %s",
+                    delivery.tag,
+                    self.queue_name,
+                    e,
+                )
+                self._dead_letter(delivery)
+                continue
+            proxy = RabbitmqMessage(self.broker, message)
+            proxy.redelivered = delivery.redelivered
+            proxy._tag = delivery
+            return proxy
+
+    def nack(self, message: MessageProxy) -> None:
+        """Dead-letter ``message`` (``basic.nack`` without requeue: the server moves it
+        to ``q.XQ``). Never raises for a dead channel: that is logged and counted."""
+        delivery = self._tag(message)
+
+        def send() -> None:
+            self._drain_outbox()
+            if self._dead or not self.channel.is_open:
+                self._dead = True
+                self._lost([delivery.tag], "nack")
+                return
+            try:
+                self.channel.basic_nack(delivery.tag, requeue=False)
+                # A round trip through the queue: the dead letter is stored on return.
+                self.channel.queue_declare(self.queue_name, passive=True)
+            except _AMQP_ERRORS:
+                self._dead = True
+                self._lost([delivery.tag], "nack")
+                return
+            with self._lock:
+                self._bodies.pop(delivery.tag, None)
+
+        try:
+            self._on_owner(send)
+        except _AMQP_ERRORS:
+            self._lost([delivery.tag], "nack")
+        finally:
+            self._forget([delivery])
+
+    def _replace_deliveries(
+        self, pairs: Sequence[tuple[_Delivery, str, bytes, pika.BasicProperties]]
+    ) -> bool:
+        """For each (delivery, queue, payload, properties): publish the copy, confirmed,
+        then ack the delivery. Returns False (nothing published) if the channel is dead."""
+
+        def run() -> bool:
+            self._drain_outbox()
+            if self._dead or not self.channel.is_open:
+                self._dead = True
+                return False
+            for delivery, queue_name, payload, properties in pairs:
+                self._republish(queue_name, payload, properties)
+                try:
+                    self.channel.basic_ack(delivery.tag)
+                except _AMQP_ERRORS as e:
+                    self._dead = True
+                    raise RabbitmqConnectionClosed(e) from e
+                with self._lock:
+                    self._bodies.pop(delivery.tag, None)
+            return True
+
+        try:
+            return self._on_owner(run)
+        except pika.exceptions.ConnectionWrongStateError:
+            self._dead = True
+            return False
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        """Return unprocessed ``messages`` to the tail of their queue: each is
+        re-published (same body, confirmed) and only then acked. If the channel died,
+        the server returns them itself."""
+        deliveries = [self._tag(m) for m in messages]
+        if not deliveries:
+            return
+        try:
+            pairs = [
+                (d, self.queue_name, self._bodies[d.tag].payload, self._bodies[d.tag].properties)
+                for d in deliveries
+            ]
+            if not self._replace_deliveries(pairs):
+                self.broker.logger.debug(
+                    "Requeue of %d messages skipped: the channel is closed.", len(deliveries)
+                )
+        finally:
+            self._forget(deliveries)
+
+    def promote(self, message: MessageProxy) -> Message[Any]:
+        """Publish the due delayed ``message`` on its canonical queue (confirmed), then
+        ack it on the delay queue.
+
+        Returns:
+            The promoted copy.
+
+        Raises:
+            RabbitmqConnectionClosed: the channel is closed (the server redelivers the
+                delayed message).
+        """
+        delivery = self._tag(message)
+        promoted = policy.promoted(message.message)
+        payload = encode_message(promoted, _message.global_encoder)
+        try:
+            ok = self._replace_deliveries(
+                [(delivery, promoted.queue_name, payload, self._bodies[delivery.tag].properties)]
+            )
+        finally:
+            self._forget([delivery])
+        if not ok:
+            raise RabbitmqConnectionClosed(
+                f"the channel of the consumer of {self.queue_name!r} is closed"
+            )
+        return promoted
+
+    def replace(self, message: MessageProxy, new: M, delay: int | None) -> M:
+        """Publish ``new`` (after ``delay`` ms; confirmed) and then ack ``message``: how a
+        retry is stored. If the channel died, nothing is published and the lost ack is
+        counted: the server redelivers ``message``, which runs again.
+
+        Returns:
+            ``new`` as stored.
+        """
+        broker = self.broker
+        delivery = self._tag(message)
+        stored, payload = broker._prepare(new, delay, runtime.get_clock().now_ms())
+        try:
+            ok = self._replace_deliveries(
+                [(delivery, stored.queue_name, payload, _properties(stored))]
+            )
+        finally:
+            self._forget([delivery])
+        if not ok:
+            self._lost([delivery.tag], "replace")
+        elif broker._hooks.after_enqueue:
+            broker._run_after(broker._hooks.after_enqueue, stored, delay)
+        return stored
+
+    def close(self) -> None:
+        """Send pending acks, return every message it holds (handed out and unsettled,
+        buffered, parked) to the tail of its queue, and close the connection."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._room.notify_all()
+        with contextlib.suppress(*_AMQP_ERRORS):
+            self.connection.add_callback_threadsafe(_nothing)  # ends a wait for messages
+        try:
+            with self._io:
+                if self._acks:
+                    with self._lock:
+                        self._sending = True
+                    self._send_acks()
+                self._drain_outbox()
+                if not self._dead:
+                    with contextlib.suppress(*_AMQP_ERRORS):
+                        self._cancel_lingering()
+                with self._lock:
+                    acked = {d.tag for d in self._acks}
+                    tags = [d.tag for d in self._held if d.tag not in acked]
+                    tags += [d.tag for d, _ in self._buffer]
+                    tags += sorted(tag for _, tag in self._parked)
+                    self._buffer.clear()
+                    self._held.clear()
+                    self._parked.clear()
+                if tags and not self._dead and self.channel.is_open:
+                    try:
+                        for tag in tags:
+                            body = self._bodies[tag]
+                            self._republish(self.queue_name, body.payload, body.properties)
+                            self.channel.basic_ack(tag)
+                    except (RabbitmqConnectionClosed, MessageUnroutable, *_AMQP_ERRORS):
+                        self.broker.logger.warning(
+                            "Could not return the messages of %r on close; RabbitMQ "
+                            "returns them itself.",
+                            self.queue_name,
+                            exc_info=True,
+                        )
+        finally:
+            self.broker._consumers.discard(self)
+            self._close_connection()
+
+    def _close_connection(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection
+            if self.connection.is_open:
+                self.connection.close()
+
+
+def _nothing() -> None:
+    """A callback that only wakes the I/O loop."""
+
+
+def _always() -> bool:
+    return True
+
+
+def _eta_of(payload: bytes) -> int | None:
+    """The eta of an encoded message, or None (no eta, or undecodable)."""
+    try:
+        return policy.message_eta_ms(decode_message(payload, _message.global_encoder, Message))
+    except Exception:  # undecodable, or a bad eta: __next__ deals with it
+        return None
+
+
+def _message_id_of(payload: bytes) -> str:
+    try:
+        return decode_message(payload, _message.global_encoder, Message).message_id
+    except Exception:  # only for an error message
+        return "?"
