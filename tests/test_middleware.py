@@ -215,6 +215,7 @@ def test_public_names() -> None:
         "AsyncIO",
         "Callbacks",
         "CurrentMessage",
+        "GroupCallbacks",
         "Pipelines",
         "Retries",
         "Shutdown",

@@ -63,3 +63,11 @@ def the_core(state: BrokerState, command: Command, message: dq.core.Message[Any]
     assert_type(step.state, BrokerState)
     assert_type(step.effects, tuple[dq.core.effects.Effect, ...])
     assert_type(step.events, tuple[dq.core.events.Event, ...])
+
+
+def check_pipelines_of_messages_and_groups(
+    first: Message[int], second: Message[str], members: list[Message[int]]
+) -> None:
+    assert_type(first | second, dq.pipeline)
+    assert_type(first | dq.group(members), dq.pipeline)  # a group as a step (dq addition)
+    assert_type(first | dq.pipeline([second]), dq.pipeline)

@@ -15,7 +15,7 @@ from dq.encoder import Encoder, JSONEncoder
 from dq.wire import decode_message, encode_message
 
 if TYPE_CHECKING:
-    from dq.composition import pipeline
+    from dq.composition import group, pipeline
     from dq.results.backend import ResultBackend
 
 __all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "set_encoder"]
@@ -145,9 +145,9 @@ class Message(CoreMessage[R_co]):
         """
         return encode_message(self, global_encoder)
 
-    def __or__(self, other: Message[Any] | pipeline) -> pipeline:
-        """Return the pipeline of this message followed by ``other``, on the global
-        broker (as Dramatiq).
+    def __or__(self, other: Message[Any] | pipeline | group) -> pipeline:
+        """Return the pipeline of this message followed by ``other`` (a message, a
+        pipeline, or a group: a dq addition), on the global broker (as Dramatiq).
 
         Raises:
             RuntimeError: no global broker is set.

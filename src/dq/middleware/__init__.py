@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from dq.middleware.age_limit import AgeLimit
 from dq.middleware.callbacks import Callbacks
 from dq.middleware.current_message import CurrentMessage
+from dq.middleware.group_callbacks import GroupCallbacks
 from dq.middleware.middleware import Middleware, MiddlewareError, SkipMessage
 from dq.middleware.pipelines import Pipelines
 from dq.middleware.retries import Retries
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from dq.middleware.asyncio import AsyncIO as AsyncIO
     from dq.middleware.prometheus import Prometheus as Prometheus
 
-# Dramatiq's order (AsyncIO and GroupCallbacks join when they land).
+# Dramatiq's order.
 __all__ = [  # noqa: RUF022
     # Basics
     "Middleware",
@@ -33,6 +34,7 @@ __all__ = [  # noqa: RUF022
     "AsyncIO",
     "Callbacks",
     "CurrentMessage",
+    "GroupCallbacks",
     "Pipelines",
     "Retries",
     "Shutdown",

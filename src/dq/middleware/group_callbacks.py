@@ -1,0 +1,220 @@
+"""`GroupCallbacks`: group completion and failure callbacks, and group pipeline steps."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from dq.errors import ActorNotFound, DecodeError, QueueNotFound
+from dq.logging import get_logger
+from dq.middleware.middleware import Middleware
+from dq.rate_limits import Barrier
+
+if TYPE_CHECKING:
+    from dq.broker import Broker, MessageProxy
+    from dq.rate_limits import RateLimiterBackend
+
+__all__ = ["GroupCallbacks"]
+
+# The option names of dq.composition (which imports dq.broker, which imports this
+# package: so they are repeated here, and a test checks they agree).
+COMPLETION_UUID = "group_completion_uuid"
+COMPLETION_CALLBACKS = "group_completion_callbacks"
+FAILURE_CALLBACKS = "group_failure_callbacks"
+PIPE_GROUP = "pipe_group"
+GROUP_PIPE_TARGET = "group_pipe_target"
+
+#: Enqueue failures that trying again cannot fix.
+_PERMANENT = (
+    DecodeError,
+    TypeError,
+    ValueError,
+    KeyError,
+    QueueNotFound,
+    ActorNotFound,
+    RuntimeError,
+)
+
+
+class GroupCallbacks(Middleware):
+    """Fire `dq.group` callbacks, and run groups that are pipeline steps.
+
+    - **Completion** (Dramatiq's): after each successful message carrying
+      ``group_completion_uuid`` and ``group_completion_callbacks``, a non-blocking
+      `Barrier` wait on that key; the wait that clears the barrier (the group's last
+      member to finish) enqueues every callback message. Counting is atomic in the
+      backend, so each callback is enqueued once per run.
+    - **Failure** (dq): when a message carrying ``group_failure_callbacks`` is
+      dead-lettered (it failed for good), the first such member of its group — the
+      key ``"<group_completion_uuid>@failed"`` is added once — enqueues every
+      failure callback. The completion callbacks then never fire.
+    - **Group steps** (dq): a message carrying ``pipe_group`` runs that group when it
+      succeeds, its result appended to each member's arguments; the member that
+      clears the group's barrier enqueues the step after the group with the list of
+      the members' results.
+
+    If a callback or a next step cannot be enqueued, the finished message is
+    redelivered rather than acked (and then counts again: the barrier stays
+    cleared, so the callbacks may be enqueued twice rather than never); one that can
+    never be enqueued (malformed, unknown queue) is logged and dropped.
+
+    Args:
+        rate_limiter_backend: where barriers live (every process of the fleet must
+            use the same one).
+        barrier_ttl: ms a group's barrier lives (after its last change): a group
+            must complete within it. The deprecated environment variable
+            ``dramatiq_group_callback_barrier_ttl`` overrides it, with a
+            ``FutureWarning``.
+    """
+
+    def __init__(
+        self, rate_limiter_backend: RateLimiterBackend, *, barrier_ttl: int = 86400000
+    ) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.rate_limiter_backend = rate_limiter_backend
+        from_env = os.getenv("dramatiq_group_callback_barrier_ttl")  # noqa: SIM112 - Dramatiq's name
+        if from_env is not None:
+            warnings.warn(
+                "The dramatiq_group_callback_barrier_ttl environment variable is "
+                "deprecated; pass barrier_ttl to GroupCallbacks instead.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            try:
+                barrier_ttl = int(from_env)
+            except ValueError:
+                raise ValueError(
+                    "dramatiq_group_callback_barrier_ttl must be an integer number of ms, "
+                    f"got {from_env!r}"
+                ) from None
+        self.barrier_ttl = barrier_ttl
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is not None or message.failed:
+            return
+        options = message.options
+        spec = options.get(PIPE_GROUP)
+        if spec is not None:
+            self._run_group_step(broker, message, spec, result)
+        key = options.get(COMPLETION_UUID)
+        if not key:
+            return
+        callbacks = options.get(COMPLETION_CALLBACKS)
+        handoff = options.get(GROUP_PIPE_TARGET)
+        if not callbacks and handoff is None:
+            return
+        from dq.composition import member_result_ref  # noqa: PLC0415 - see the top
+        from dq.results.errors import ResultMissing  # noqa: PLC0415
+
+        try:
+            if handoff is not None:
+                # Stored before this member counts itself in, so whoever clears the
+                # barrier finds every member's result.
+                ref = member_result_ref(key, handoff["index"])
+                _results_backend(broker).store_result(ref, result, self.barrier_ttl)
+            barrier = Barrier(self.rate_limiter_backend, key, ttl=self.barrier_ttl)
+            if not barrier.wait(block=False):
+                return
+            self._enqueue_all(broker, callbacks or ())
+            if handoff is not None and handoff.get("next") is not None:
+                self._enqueue_next(broker, key, handoff)
+        except (*_PERMANENT, ResultMissing):
+            self.logger.exception(
+                "Cannot run the group callbacks of message %r; dropping them.",
+                message.message_id,
+            )
+        except Exception:
+            self.logger.exception(
+                "Could not run the group callbacks of message %r; it will be redelivered.",
+                message.message_id,
+            )
+            message.redeliver()
+
+    def after_nack(self, broker: Broker, message: MessageProxy) -> None:
+        options = message.options
+        callbacks = options.get(FAILURE_CALLBACKS)
+        key = options.get(COMPLETION_UUID)
+        if not (callbacks and key):
+            return
+        try:
+            if self.rate_limiter_backend.add(f"{key}@failed", 1, self.barrier_ttl):
+                self._enqueue_all(broker, callbacks)
+        except Exception:
+            # The message is already dead-lettered: nothing can be redelivered.
+            self.logger.exception(
+                "Could not enqueue the failure callbacks of the group of message %r.",
+                message.message_id,
+            )
+
+    def _run_group_step(
+        self, broker: Broker, message: MessageProxy, spec: Mapping[str, Any], result: Any
+    ) -> None:
+        from dq.composition import run_group_spec  # noqa: PLC0415 - see the top
+
+        try:
+            actor = broker.get_actor(message.actor_name)
+            run_group_spec(
+                broker,
+                spec,
+                self.rate_limiter_backend,
+                self.barrier_ttl,
+                previous=(result,),
+                pipe_ignore=bool(actor.options.get("pipe_ignore")),
+            )
+        except _PERMANENT:
+            self.logger.exception(
+                "Cannot run the group step after message %r; failing it.", message.message_id
+            )
+            message.fail()
+        except Exception:
+            self.logger.exception(
+                "Could not run the group step after message %r; it will be redelivered.",
+                message.message_id,
+            )
+            message.redeliver()
+
+    def _enqueue_next(self, broker: Broker, key: str, handoff: Mapping[str, Any]) -> None:
+        from dq.composition import member_result_ref  # noqa: PLC0415 - see the top
+        from dq.message import Message  # noqa: PLC0415 - dq.message imports dq.middleware
+        from dq.wire import message_from_data  # noqa: PLC0415
+
+        backend = _results_backend(broker)
+        size = handoff["size"]
+        results = [backend.get_result(member_result_ref(key, i)) for i in range(size)]
+        next_message: Message[Any] = message_from_data(handoff["next"], Message)
+        if not next_message.options.get("pipe_ignore"):
+            next_message = next_message.copy(args=(*next_message.args, results))
+        broker.enqueue(next_message, delay=next_message.options.get("delay"))
+
+    def _enqueue_all(self, broker: Broker, callbacks: Iterable[Mapping[str, Any]]) -> None:
+        from dq.message import Message  # noqa: PLC0415
+        from dq.wire import message_from_data  # noqa: PLC0415
+
+        # Built first, so a malformed callback enqueues none of them.
+        messages: list[Message[Any]] = [message_from_data(data, Message) for data in callbacks]
+        for callback in messages:  # one by one: they may go to different queues
+            broker.enqueue(callback)
+
+
+def _results_backend(broker: Broker) -> Any:
+    """Return the broker's results backend.
+
+    Raises:
+        RuntimeError: it has none.
+    """
+    backend = broker.get_results_backend()
+    if backend is None:
+        raise RuntimeError(
+            "a group pipeline step needs a results backend: add "
+            "dq.results.Results(backend=...) to the broker's middleware"
+        )
+    return backend
