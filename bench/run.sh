@@ -7,6 +7,8 @@
 #   bash bench/run.sh latency [options]       latency.py, e.g. bash bench/run.sh latency --samples 500
 #   bash bench/run.sh redis [options]         redis_bench.py (RedisBroker, needs Redis on
 #                                             127.0.0.1:6379 or --url), e.g. --runs 5
+#   bash bench/run.sh rabbitmq [options]      rabbitmq_bench.py (RabbitmqBroker, needs RabbitMQ
+#                                             on 127.0.0.1:5672 or --url), e.g. --runs 5
 #   bash bench/run.sh cli [options]           cli_bench.py: drain through `dq` vs `dramatiq`
 #                                             on Redis (2 processes x 8 threads), worker RSS
 #
@@ -60,6 +62,10 @@ case "${1:-}" in
         # Not bench/redis.py: that name would shadow the redis package (python puts
         # bench/ first on sys.path).
         script=redis_bench
+        shift
+        ;;
+    rabbitmq)
+        script=rabbitmq_bench
         shift
         ;;
     cli)
