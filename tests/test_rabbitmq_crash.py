@@ -378,10 +378,13 @@ def test_server_closing_a_draining_workers_connections_loses_nothing(
 ) -> None:
     n, n_delayed = 2000, 100
     broker = cleanup.broker(connection_name)
-    record = declare_record(broker, queue, runs, sleep_ms=20)
+    # 60 ms per message (about 16 s for the batch on 8 threads): each round of
+    # rabbitmqctl takes seconds on a loaded machine, and the last close must come while
+    # the drain is still running.
+    record = declare_record(broker, queue, runs, sleep_ms=60)
     # One message in 20 fails once: its retry is published from a worker thread (to the
     # delay queue) while connections close.
-    flaky = declare_flaky(broker, queue, runs, sleep_ms=20)
+    flaky = declare_flaky(broker, queue, runs, sleep_ms=60)
     expected = send_batch(broker, record, n, n_delayed, flaky=flaky)
     total = len(expected)
 
