@@ -106,7 +106,7 @@ DEFAULT_CONSUMER_TIMEOUT: Final = 1_800_000
 
 _AMQP_ERRORS = (pika.exceptions.AMQPError,)
 _WRITE_CHUNK = 500  # publishes per buffer handed to pika
-_READ_EVERY = 64  # unconfirmed publishes between reads of what the server sent
+_READ_EVERY = 1024  # unconfirmed publishes between reads of what the server sent
 _CACHED_METHODS = 1024  # marshalled basic.publish frames kept per channel
 _BACKOFF_S = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
 _REPLY_TIMEOUT_S = 30.0  # how long a consumer waits for the server to answer a method
@@ -231,12 +231,15 @@ class _Confirms:
                 self._next_tag += 1
                 self._outstanding[self._next_tag] = index if wait else -1
         if not wait:
-            # The frames are written (see `_write`); what the server sent (confirms,
-            # a close) is read every few publishes, not after each.
+            # The frames are written (see `_write`). What the server sent (confirms,
+            # a close) is read every _READ_EVERY publishes, not after each: reading
+            # is most of the cost of a send. `sync`, and `usable` after a second
+            # without use, read it too.
             self._unread += len(items)
             if self._unread >= _READ_EVERY or self._transport_busy():
                 self._unread = 0
-                _flush(self.connection, lambda: True)
+                # Not `_flush`: with nothing left to write it returns without reading.
+                self.connection.process_data_events(0)
             return [], []
         self.sync()
         return [i for i in self._nacked if i >= 0], self._returned
