@@ -27,11 +27,13 @@ Where Dramatiq is unsafe, dq fixes it without changing what is on the wire:
   delayed messages, retries (``replace``) and re-leases publish the new copy on the
   consumer's channel in confirm mode (whatever ``confirm_delivery`` says) and only then
   ack the delivery they replace.
-* **Exact reservations.** Once at least half of its prefetch is free, a consumer opens
-  a short ``basic.consume`` with the free room as prefetch, takes what the queue sends
-  (waiting up to its timeout for the first message when none is ready) and cancels
-  it, so what it holds is exactly what it reserved, as `dq.testing.BrokerConformance`
-  checks.
+* **Two ways to consume.** By default a consumer subscribes once with its prefetch
+  as the limit, as Dramatiq's do (checked by a property test of its own). With
+  ``exact_reservations=True``, once at least half of its prefetch is free, a consumer
+  opens a short ``basic.consume`` with the free room as prefetch, takes what the queue
+  sends (waiting up to its timeout for the first message when none is ready) and
+  cancels it, so what it holds is exactly what it reserved, as
+  `dq.testing.BrokerConformance` checks.
 * **Long delays are re-leased.** A delivery of a delay queue whose eta is further away
   than ``lease`` (half of the server's ``consumer_timeout``) is not handed out: the
   consumer parks it, unacked, and ``lease`` ms after it arrived re-publishes the same
