@@ -16,8 +16,6 @@ machine checks what must hold anyway, against the real server:
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -25,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from dq import Message
 from dq.broker import Consumer, MessageProxy
-from dq.brokers.rabbitmq import RabbitmqBroker
+from dq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dq.core import policy
 from rabbitmq_support import RABBITMQ_URL, delete_queues, new_prefix, read_queue
 
@@ -144,8 +142,9 @@ class PushConsumers(RuleBasedStateMachine):
     @invariant()
     def never_more_than_the_prefetch(self) -> None:
         for c in self.consumers:
-            held: Any = c.consumer
-            assert held._outstanding <= c.prefetch, (held._outstanding, c.prefetch)
+            consumer = c.consumer
+            assert isinstance(consumer, _RabbitmqConsumer)
+            assert consumer._outstanding <= c.prefetch, (consumer._outstanding, c.prefetch)
 
 
 TestPushConsumers = PushConsumers.TestCase

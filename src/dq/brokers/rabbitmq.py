@@ -286,8 +286,10 @@ class _Confirms:
         if not self._send_now(data, len(frames)):
             emit([data])
 
-    def _transport_busy(self) -> bool:
-        transport = getattr(self._impl.connection, "_transport", None)
+    def _transport_busy(self, transport: Any = None) -> bool:
+        """Whether pika holds data it has not written yet (or has no transport)."""
+        if transport is None:
+            transport = getattr(self._impl.connection, "_transport", None)
         return bool(getattr(transport, "_tx_buffers", True))
 
     def _send_now(self, data: bytes, frames: int) -> bool:
@@ -296,7 +298,9 @@ class _Confirms:
         when pika must write it all: pika's own write takes several poller calls."""
         connection = self._impl.connection
         transport = getattr(connection, "_transport", None)
-        if type(transport).__name__ != "_AsyncPlaintextTransport" or self._transport_busy():
+        if type(transport).__name__ != "_AsyncPlaintextTransport" or self._transport_busy(
+            transport
+        ):
             return False
         sock = getattr(transport, "_sock", None)
         if not isinstance(sock, socket.socket):
@@ -929,7 +933,6 @@ class _Consume:
         "arrived",
         "cancel_sent",
         "cancelled",
-        "marked",
         "none_ready",
         "room",
         "subscribed",
@@ -940,8 +943,7 @@ class _Consume:
         self.tag = ""
         self.room = room  # its prefetch: it never has more unacked deliveries than this
         self.arrived = 0  # deliveries so far
-        self.marked = False  # the marker sent after the consume-ok came back
-        self.none_ready = False  # ... and nothing had arrived before it
+        self.none_ready = False  # the marker came back before any delivery
         self.cancel_sent = False
         self.cancelled = False  # the cancel-ok came back: nothing more arrives
         self.subscribed = False  # kept open while the consumer pulls (see `_fetch`)
@@ -978,7 +980,6 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
         self._consumes: dict[str, _Consume] = {}  # consumes whose cancel-ok has not come
         self._qos_replies: deque[Callable[[], None] | None] = deque()  # per basic.qos sent
         self._forgotten: deque[str] = deque()  # the last cancelled tags (_on_cancel_ok)
-        self._tasks = 0  # work other threads handed to the connection's holder
         self._is_delay = policy.is_delay_queue(queue_name)
         try:
             self.connection = broker._connect()
@@ -1034,14 +1035,8 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
             finally:
                 done.set()
 
-        with self._lock:
-            self._tasks += 1
-        try:
-            self.connection.add_callback_threadsafe(task)
-            self._wait_task(done)
-        finally:
-            with self._lock:
-                self._tasks -= 1
+        self.connection.add_callback_threadsafe(task)
+        self._wait_task(done)
         ok, value = box[0]
         if ok:
             return value  # type: ignore[no-any-return]  # what fn returned
@@ -1088,7 +1083,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
         try:
             # Frames written on the asynchronous channel and flushed once: one write
             # for the whole batch instead of one per ack.
-            impl = _impl_of(self.channel)
+            impl = self._impl
             acks = sorted(tag for kind, tag in outbox if kind == "ack")
             with self._lock:
                 # Every unsettled delivery up to the last ack is acked here: one frame
@@ -1169,9 +1164,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                     if subscription is not None and subscription.subscribed and not self._closed:
                         if self._buffer:
                             return True
-                        wait = deadline - time.monotonic()
-                        if self._parked:
-                            wait = min(wait, self._parked_wait())
+                        wait = self._wait_s(deadline)
                         if wait > 0:
                             self._pump(lambda: bool(self._buffer) or self._closed, wait)
                             if self._buffer:
@@ -1182,8 +1175,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                         # ends, and the next call reserves afresh.
                     self._end_lingering()
                 except _AMQP_ERRORS as e:
-                    self._dead = True
-                    raise RabbitmqConnectionClosed(e) from e
+                    raise self._failure(e) from e
                 with self._lock:
                     if self._buffer:  # what a lingering consume delivered
                         return True
@@ -1192,9 +1184,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                     if time.monotonic() >= deadline or self._closed:
                         return False
                     continue
-                wait = deadline - time.monotonic()
-                if self._parked:
-                    wait = min(wait, self._parked_wait())
+                wait = self._wait_s(deadline)
                 got = self._reserve(room, wait if not self._closed else 0.0)
                 if self._buffer:
                     return True
@@ -1206,9 +1196,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
         ``deadline``, a due parked delivery, acks to send, or close)."""
         with self._lock:
             while self.prefetch - self._outstanding < self._min_batch and not self._buffer:
-                remaining = deadline - time.monotonic()
-                if self._parked:
-                    remaining = min(remaining, self._parked_wait())
+                remaining = self._wait_s(deadline)
                 if remaining <= 0 or self._closed or self._outbox:
                     return
                 self._room.wait(remaining)
@@ -1233,16 +1221,11 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                     self._release_parked()
                     if self._lingering is None and not self._closed:
                         self._open_consume(self.prefetch, subscribe=True)
-                    wait = deadline - time.monotonic()
-                    if self._parked:
-                        wait = min(wait, self._parked_wait())
+                    wait = self._wait_s(deadline)
                     if wait > 0 and not self._closed:
                         self._pump(lambda: bool(self._buffer) or self._closed, wait)
                 except _AMQP_ERRORS as e:
-                    self._dead = True
-                    if getattr(e, "reply_code", None) == 404:  # the queue was deleted
-                        self.broker._ensured.discard(policy.q_name(self.queue_name))
-                    raise RabbitmqConnectionClosed(e) from e
+                    raise self._failure(e) from e
                 if self._buffer:
                     return True
                 if wait <= 0:  # the socket was not read: notice a close from the server
@@ -1292,6 +1275,21 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
             if ready:
                 connection.process_data_events(0)
         return True
+
+    def _failure(self, e: Exception) -> RabbitmqConnectionClosed:
+        """Mark the consumer dead after pika error ``e``; return what to raise (a 404
+        means the queue was deleted: it is declared again on next use)."""
+        self._dead = True
+        if getattr(e, "reply_code", None) == 404:
+            self.broker._ensured.discard(policy.q_name(self.queue_name))
+        return RabbitmqConnectionClosed(e)
+
+    def _wait_s(self, deadline: float) -> float:
+        """Seconds until ``deadline`` or the next parked delivery's re-lease."""
+        wait = deadline - time.monotonic()
+        if self._parked:
+            wait = min(wait, self._parked_wait())
+        return wait
 
     def _check_alive(self) -> None:
         """Process pending I/O (heartbeats, a close from the server, callbacks of other
@@ -1364,10 +1362,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
             if not consume.full and self.channel.is_open:
                 self._end(consume)
         except _AMQP_ERRORS as e:
-            self._dead = True
-            if getattr(e, "reply_code", None) == 404:  # the queue was deleted
-                self.broker._ensured.discard(policy.q_name(self.queue_name))
-            raise RabbitmqConnectionClosed(e) from e
+            raise self._failure(e) from e
         if self.channel.is_closed:
             self._dead = True
             raise RabbitmqConnectionClosed(
@@ -1390,7 +1385,6 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                 self._send_cancel(consume)
 
         def on_marker() -> None:
-            consume.marked = True
             if not consume.arrived:
                 consume.none_ready = True  # what comes now came while waiting
             elif not consume.subscribed:
