@@ -3,6 +3,7 @@ names, a broker factory that remembers what it declared, and cleanup."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -109,14 +110,45 @@ def prefix() -> str:
     return new_prefix()
 
 
+def wait_for_counts(
+    broker: RabbitmqBroker, queue_name: str, expected: tuple[int, int, int], timeout: float = 5.0
+) -> None:
+    """Wait until ``broker.get_queue_message_counts(queue_name) == expected``: without
+    ``confirm_delivery`` RabbitMQ may count a publish a moment after it was sent."""
+    deadline = time.monotonic() + timeout
+    while (counts := broker.get_queue_message_counts(queue_name)) != expected:
+        assert time.monotonic() < deadline, f"counts of {queue_name!r}: {counts} != {expected}"
+        time.sleep(0.01)
+
+
+def _client_name(connection: Any) -> str:
+    """The server's name of ``connection`` (a pika BlockingConnection): client -> server."""
+    sock = connection._impl._transport._sock  # the client end of the TCP connection
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port} -> 127.0.0.1:5672"
+
+
+def confirm_modes(connection: Any) -> list[bool]:
+    """Whether each open channel of ``connection`` is in publisher-confirm mode, as the
+    server sees it (``rabbitmqctl list_channels``)."""
+    import subprocess
+
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_channels", "name", "confirm"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    name = _client_name(connection)
+    return [line.split("\t")[1] == "true" for line in listing.splitlines() if line.startswith(name)]
+
+
 def close_server_side(connection: Any) -> None:
     """Have RabbitMQ close ``connection`` (a pika BlockingConnection) from its side, as an
     operator's ``rabbitmqctl close_connection`` does."""
     import subprocess
 
-    sock = connection._impl._transport._sock  # the client end of the TCP connection
-    host, port = sock.getsockname()[:2]
-    name = f"{host}:{port} -> 127.0.0.1:5672"
+    name = _client_name(connection)
     listing = subprocess.run(
         ["rabbitmqctl", "-q", "list_connections", "pid", "name"],
         check=True,

@@ -32,11 +32,13 @@ from rabbitmq_support import (
     BrokerFactory,
     broker_factory,
     close_server_side,
+    confirm_modes,
     delete_queues,
     new_prefix,
     prefix,
     queue_exists,
     read_queue,
+    wait_for_counts,
 )
 
 __all__ = ["broker_factory", "prefix"]  # fixtures
@@ -52,8 +54,15 @@ _CONFORMANCE_QUEUES = (f"{_CONFORMANCE}_a", f"{_CONFORMANCE}_b")
 def _conformance_broker() -> Broker:
     # The machine's model reserves when next() asks: exact reservations. The default
     # (subscriptions, as Dramatiq's) is checked by tests/test_rabbitmq_push.py.
+    # Confirmed publishing: a join of one check must count what was just published
+    # (without confirms RabbitMQ may count it a moment later; the publish is written
+    # the same way either way).
     broker = RabbitmqBroker(
-        url=RABBITMQ_URL, middleware=[], consumer_timeout=86_400_000, exact_reservations=True
+        url=RABBITMQ_URL,
+        middleware=[],
+        consumer_timeout=86_400_000,
+        exact_reservations=True,
+        confirm_delivery=True,
     )
     broker.join_min_successes = 1  # every consumer of these queues is in this process
     return broker
@@ -150,7 +159,7 @@ def test_fail_over_reaches_the_live_server_after_a_dead_address(
     b = broker_factory(url=urls if as_list else ";".join(urls))
     b.declare_queue(prefix)
     b.enqueue(Message(prefix, "f", (), {}, {}))
-    assert _counts(b, prefix) == (1, 0, 0)
+    wait_for_counts(b, prefix, (1, 0, 0))
 
 
 def test_an_unreachable_server_raises_connection_closed_after_bounded_attempts() -> None:
@@ -265,7 +274,21 @@ def test_enqueue_many_without_confirms_publishes_too(
 ) -> None:
     b = broker_factory()
     b.enqueue_many([Message(prefix, "f", (i,), {}, {}) for i in range(50)])
-    assert _counts(b, prefix) == (50, 0, 0)
+    wait_for_counts(b, prefix, (50, 0, 0))
+
+
+@pytest.mark.parametrize("confirm_delivery", [False, True])
+def test_the_publishing_channel_is_in_confirm_mode_only_with_confirm_delivery(
+    broker_factory: BrokerFactory, prefix: str, confirm_delivery: bool
+) -> None:
+    # As Dramatiq's: confirm mode makes the server track and confirm every publish,
+    # which delays deliveries (docs/rabbitmq.md); without it nothing waits for them.
+    b = broker_factory(confirm_delivery=confirm_delivery)
+    b.enqueue(Message(prefix, "f", (), {}, {}))
+    assert confirm_modes(b.connection) == [confirm_delivery]
+    wait_for_counts(b, prefix, (1, 0, 0))
+    b.flush(prefix)  # a purge comes after the publishes of its channel
+    assert _counts(b, prefix) == (0, 0, 0)
 
 
 # -- consuming -------------------------------------------------------------------------------------

@@ -166,13 +166,22 @@ def _impl_of(channel: BlockingChannel) -> pika.channel.Channel:
 
 
 class _Confirms:
-    """Publisher confirms on one channel, tracked here so a batch of publishes can be
-    sent at once and then waited for together (pika's blocking channel waits after
-    every publish)."""
+    """Publishing on one channel. In publisher-confirm mode (``confirming``) the
+    confirms are tracked here, so a batch of publishes can be sent at once and then
+    waited for together (pika's blocking channel waits after every publish).
 
-    def __init__(self, connection: BlockingConnection, channel: BlockingChannel) -> None:
+    Without confirm mode (a broker without ``confirm_delivery``, as Dramatiq's
+    channel) publishes are written and the server sends nothing back for them: in
+    confirm mode it would track and confirm each one, work that measurably delays
+    the deliveries of an idle queue (see docs/rabbitmq.md).
+    """
+
+    def __init__(
+        self, connection: BlockingConnection, channel: BlockingChannel, *, confirming: bool = True
+    ) -> None:
         self.connection = connection
         self.channel = channel
+        self.confirming = confirming
         self._impl = _impl_of(channel)
         self._next_tag = 0
         self._outstanding: dict[int, int] = {}  # delivery tag -> index in the batch
@@ -180,6 +189,8 @@ class _Confirms:
         self._unread = 0  # unconfirmed publishes since the input was last read
         self._methods: dict[tuple[str, bool], bytes] = {}  # marshalled basic.publish frames
         self._returned: list[tuple[str, bytes]] = []  # (routing key, body)
+        if not confirming:
+            return
         selected: list[bool] = []
         self._impl.confirm_delivery(
             ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True)
@@ -215,7 +226,8 @@ class _Confirms:
         publishing), with the mandatory flag, then wait for every confirm.
 
         Without ``wait`` the frames are written and the call returns: the confirms
-        arrive later and only `sync` waits for them.
+        (if ``confirming``) arrive later and only `sync` waits for them. ``wait`` needs
+        confirm mode.
 
         Returns:
             The indexes of the items the server nacked, and the (routing key, body) of
@@ -225,13 +237,16 @@ class _Confirms:
             pika.exceptions.AMQPError: the channel or connection failed; items before
                 the failure may or may not be stored.
         """
+        if wait and not self.confirming:
+            raise RuntimeError("a publish waits for its confirm on a channel not in confirm mode")
         self._nacked, self._returned = [], []
         for start in range(0, len(items), _WRITE_CHUNK):
             chunk = items[start : start + _WRITE_CHUNK]
             self._write(chunk, mandatory=wait)
-            for index in range(start, start + len(chunk)):
-                self._next_tag += 1
-                self._outstanding[self._next_tag] = index if wait else -1
+            if self.confirming:
+                for index in range(start, start + len(chunk)):
+                    self._next_tag += 1
+                    self._outstanding[self._next_tag] = index if wait else -1
         if not wait:
             # The frames are written (see `_write`). What the server sent (confirms,
             # a close) is read every _READ_EVERY publishes, not after each: reading
@@ -320,7 +335,10 @@ class _Confirms:
 
     def sync(self) -> None:
         """Wait until the server confirmed everything published on this channel: it
-        reached its queues (so their counts include it).
+        reached its queues (so their counts include it). Without confirm mode, only
+        wait until it is written: a purge sent next on this channel comes after those
+        publishes, but a count may not include the last of them yet (RabbitMQ answers
+        a count ahead of the deliveries its queue has not filed).
 
         Raises:
             pika.exceptions.AMQPError: the channel or connection failed.
@@ -345,17 +363,16 @@ class _Publisher:
     """One thread's publishing connection and channel (see `RabbitmqBroker.publishers`)."""
 
     def __init__(self, broker: RabbitmqBroker) -> None:
+        self.broker = broker
         self.thread = threading.current_thread()
         self.connection = broker._connect()
         self.channel, self.confirms = self._open_channel()
         self.used = time.monotonic()
 
     def _open_channel(self) -> tuple[BlockingChannel, _Confirms]:
-        # Always in confirm mode: without confirm_delivery nothing waits for the
-        # confirms, but counting (join, get_queue_message_counts) waits for them first,
-        # so it sees every message this thread published.
+        # In confirm mode only with confirm_delivery, as Dramatiq's (see `_Confirms`).
         channel = self.connection.channel()
-        return channel, _Confirms(self.connection, channel)
+        return channel, _Confirms(self.connection, channel, confirming=self.broker.confirm_delivery)
 
     @property
     def usable(self) -> bool:
@@ -753,6 +770,11 @@ class RabbitmqBroker(Broker):
         """Return the ready-message counts of ``q``, ``q.DQ`` and ``q.XQ`` (declaring
         them as Dramatiq does; unacked messages are not counted). A test helper.
 
+        With ``confirm_delivery`` the counts include every message this thread
+        published. Without it, as in Dramatiq, they may miss one published a moment
+        ago: RabbitMQ answers a count ahead of the deliveries its queue has not filed
+        yet (`join` with two checks or more, ``idle_time`` apart, is not affected).
+
         Raises:
             RabbitmqConnectionClosed: the server could not be reached.
         """
@@ -814,8 +836,10 @@ class RabbitmqBroker(Broker):
         """Block until ``q`` and ``q.DQ`` have no ready message and this process's
         consumers hold none of theirs, in ``min_successes`` consecutive checks
         ``idle_time`` ms apart (Dramatiq's test helper; dead letters are not counted).
-        Unacked messages of other processes are invisible: more checks make that
-        less likely to matter.
+        Unacked messages of other processes are invisible, and so, without
+        ``confirm_delivery``, may be a message published a moment before the first
+        check (see `get_queue_message_counts`): more checks make that less likely
+        to matter.
 
         Args:
             queue_name: the queue.
