@@ -9,6 +9,8 @@
 #                                             127.0.0.1:6379 or --url), e.g. --runs 5
 #   bash bench/run.sh rabbitmq [options]      rabbitmq_bench.py (RabbitmqBroker, needs RabbitMQ
 #                                             on 127.0.0.1:5672 or --url), e.g. --runs 5
+#   bash bench/run.sh rabbitmq-confirm-mode   rabbitmq_confirm_mode.py: what confirm mode
+#                                             costs an idle queue's latency (dq only)
 #   bash bench/run.sh cli [options]           cli_bench.py: drain through `dq` vs `dramatiq`
 #                                             on Redis (2 processes x 8 threads), worker RSS
 #
@@ -66,6 +68,10 @@ case "${1:-}" in
         ;;
     rabbitmq)
         script=rabbitmq_bench
+        shift
+        ;;
+    rabbitmq-confirm-mode)
+        script=rabbitmq_confirm_mode
         shift
         ;;
     cli)

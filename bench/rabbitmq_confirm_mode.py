@@ -1,0 +1,134 @@
+"""What publisher-confirm mode costs an idle RabbitMQ queue's latency (dq only).
+
+Why dq's publishing channel is in confirm mode only with ``confirm_delivery`` (as
+Dramatiq's): one process, one idle dq ``Worker`` (8 threads), and two publishing
+brokers on the same queue, sending one message at a time ``--gap-ms`` apart in
+alternating blocks of ``--block`` sends, so both arms meet the same machine noise:
+
+* ``plain``: a broker without ``confirm_delivery`` (the channel is not in confirm mode);
+* ``confirm-mode``: the same, with its channel put in confirm mode; it still does not
+  wait for the confirms, so the only difference is the server's confirm work.
+
+Prints send-to-start p50/p90/p99/max per arm and run, then medians (min–max) over the
+runs and the ratio plain/confirm-mode. Needs RabbitMQ on 127.0.0.1:5672 (or ``--url``).
+
+    bash bench/run.sh rabbitmq-confirm-mode --runs 3 --samples 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+import pika
+
+import dq
+from dq.brokers import rabbitmq
+from dq.brokers.rabbitmq import RabbitmqBroker
+
+ARMS = ("plain", "confirm-mode")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def one_run(url: str, samples: int, block: int, gap_s: float) -> dict[str, list[float]]:
+    queue = f"bench_confirm_mode_{uuid.uuid4().hex[:8]}"
+    plain = RabbitmqBroker(url=url)
+    confirming = RabbitmqBroker(url=url, middleware=[])
+    dq.set_broker(plain)
+    original = rabbitmq._Publisher._open_channel
+
+    def open_channel(publisher: Any) -> Any:
+        if publisher.broker is not confirming:
+            return original(publisher)
+        channel = publisher.connection.channel()
+        return channel, rabbitmq._Confirms(publisher.connection, channel, confirming=True)
+
+    rabbitmq._Publisher._open_channel = open_channel  # type: ignore[method-assign]
+    started = threading.Event()
+    latencies: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    arm = ["warm-up"]
+
+    @dq.actor(queue_name=queue)
+    def probe(t0: float) -> None:
+        latencies.setdefault(arm[0], []).append(time.perf_counter() - t0)
+        started.set()
+
+    def send(broker: RabbitmqBroker) -> None:
+        time.sleep(gap_s)
+        started.clear()
+        broker.enqueue(probe.message(time.perf_counter()))
+        if not started.wait(5):
+            raise RuntimeError("a probe had not started 5 s after its send")
+
+    worker = dq.Worker(plain, worker_threads=8, worker_timeout=1000)
+    worker.start()
+    try:
+        for _ in range(20):
+            send(plain)
+            send(confirming)
+        for _ in range(0, samples, block):
+            for name, broker in zip(ARMS, (plain, confirming), strict=True):
+                arm[0] = name
+                for _ in range(block):
+                    send(broker)
+    finally:
+        worker.stop()
+        rabbitmq._Publisher._open_channel = original  # type: ignore[method-assign]
+        plain.close()
+        confirming.close()
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(name)
+        connection.close()
+    return {name: latencies[name] for name in ARMS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=600, help="sends per arm and run")
+    parser.add_argument("--block", type=int, default=20, help="sends per arm in a row")
+    parser.add_argument("--gap-ms", type=int, default=100)
+    parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    args = parser.parse_args()
+    figures: dict[str, dict[str, list[float]]] = {a: {} for a in ARMS}
+    for run in range(args.runs):
+        result = one_run(args.url, args.samples, args.block, args.gap_ms / 1000)
+        for name in ARMS:
+            ms = [x * 1000 for x in result[name]]
+            row = {
+                "p50": percentile(ms, 0.5),
+                "p90": percentile(ms, 0.9),
+                "p99": percentile(ms, 0.99),
+                "max": max(ms),
+            }
+            for key, value in row.items():
+                figures[name].setdefault(key, []).append(value)
+            shown = "  ".join(f"{k} {v:6.3f}" for k, v in row.items())
+            print(f"run {run + 1}/{args.runs} {name:12s} n={len(ms)}  {shown} ms", flush=True)
+    print(f"\nsend-to-start ms, median (min – max) of {args.runs} runs, {args.gap_ms} ms gaps")
+    for key in ("p50", "p90", "p99", "max"):
+        cells = []
+        for name in ARMS:
+            v = figures[name][key]
+            cells.append(f"{name} {statistics.median(v):.3f} ({min(v):.3f} – {max(v):.3f})")
+        pairs = zip(figures["plain"][key], figures["confirm-mode"][key], strict=True)
+        ratios = [p / c for p, c in pairs]
+        cells.append(
+            f"plain/confirm-mode {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f} – {max(ratios):.2f})"
+        )
+        print(f"{key:4s} " + "   ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
