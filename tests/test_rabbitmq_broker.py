@@ -3,6 +3,7 @@ arguments shared with Dramatiq, confirms, a Worker, lost settlements and long de
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -11,7 +12,11 @@ from typing import Any
 
 import pika
 import pika.exceptions
+import pika.frame
+import pika.spec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dq
 from dq import Message, Worker, runtime
@@ -343,6 +348,80 @@ def test_undecodable_payloads_are_dead_lettered_naming_the_delivery(
     assert f"Dead-lettering undecodable delivery 1 on '{prefix}'" in caplog.text
     consumer.close()
     assert [body for body, _ in read_queue(f"{prefix}.XQ")] == [b"not json"]
+
+
+def test_deliveries_are_read_whole_whatever_their_size(broker: RabbitmqBroker, prefix: str) -> None:
+    # Bodies of no frame, of one, and of several (frame_max is 128 KiB) take the
+    # consumer's own reader, or pika's for what arrives in pieces: each arrives intact,
+    # with its properties, in order.
+    broker.declare_queue(prefix, ensure=True)
+    broker.channel.basic_publish("", prefix, b"")
+    sizes = [0, 10, 200_000, 1, 600_000, 5]
+    sent = [broker.enqueue(Message(prefix, "f", ("x" * n,), {}, {})) for n in sizes]
+    urgent = broker.enqueue(Message(prefix, "f", (), {}, {"broker_priority": 3}))
+    consumer = broker.consume(prefix, prefetch=10, timeout=1000)
+    got = [next(consumer) for _ in range(len(sent) + 1)]
+    assert [m.message_id for m in got] == [m.message_id for m in [*sent, urgent]]
+    assert [m.args for m in got[: len(sent)]] == [m.args for m in sent]
+    bodies = consumer._bodies  # type: ignore[attr-defined]
+    assert bodies[got[-1]._tag.tag].properties.priority == 3  # type: ignore[attr-defined]
+    assert bodies[got[0]._tag.tag].properties.delivery_mode == 2  # type: ignore[attr-defined]
+    assert consumer._fast_reads >= 3  # type: ignore[attr-defined]
+    for message in got:
+        consumer.ack(message)
+    consumer.close()
+    assert [body for body, _ in read_queue(f"{prefix}.XQ")] == [b""]  # undecodable
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.sampled_from([0, 1, 100, 5000, 140_000, 300_000]), min_size=1, max_size=6),
+    st.lists(st.integers(1, 700_000), max_size=8),
+    st.booleans(),
+)
+def test_the_consumer_reads_deliveries_across_any_read_boundaries(
+    sizes: list[int], cuts: list[int], heartbeats: bool
+) -> None:
+    # Deliveries (some too big to hold back, which pika may assemble), with heartbeats
+    # between them, cut into arbitrary reads: each reaches its consumer's callback
+    # once, whole, in order, and pika's reader is never left holding part of a frame.
+    broker = RabbitmqBroker(url=RABBITMQ_URL, middleware=[])
+    queue = new_prefix("reads")
+    try:
+        consumer = broker.consume(queue, prefetch=1, timeout=10)
+        impl = consumer._impl  # type: ignore[attr-defined]
+        number = impl.channel_number
+        got: list[tuple[int, bytes]] = []
+        impl._consumers["test-tag"] = lambda _c, m, _p, body: got.append((m.delivery_tag, body))
+        frames: list[Any] = []
+        for i, size in enumerate(sizes, 1):
+            body = bytes([i]) * size
+            frames.append(
+                pika.frame.Method(number, pika.spec.Basic.Deliver("test-tag", i, False, "", queue))
+            )
+            frames.append(pika.frame.Header(number, size, pika.spec.BasicProperties()))
+            frame_max = 131_072 - 8
+            frames += [
+                pika.frame.Body(number, body[k : k + frame_max]) for k in range(0, size, frame_max)
+            ]
+            if heartbeats:
+                frames.append(pika.frame.Heartbeat())
+        data = b"".join(f.marshal() for f in frames)
+        bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+        before = impl.connection.bytes_received
+        for start, stop in itertools.pairwise(bounds):
+            consumer._read(data[start:stop])  # type: ignore[attr-defined]
+        assert got == [(i, bytes([i]) * size) for i, size in enumerate(sizes, 1)]
+        assert impl.connection.bytes_received - before == len(data)
+        # Deliveries under the hold-back size are all decoded by the consumer itself.
+        small = sum(1 for size in sizes if size <= 140_000)
+        assert small <= consumer._fast_reads <= len(sizes)  # type: ignore[attr-defined]
+        assert not impl.connection._frame_buffer and not consumer._unread  # type: ignore[attr-defined]
+        del impl._consumers["test-tag"]
+        consumer.close()
+    finally:
+        broker.close()
+        delete_queues([queue])
 
 
 def test_join_counts_held_messages_and_times_out(broker: RabbitmqBroker, prefix: str) -> None:
