@@ -128,17 +128,18 @@ def _client_name(connection: Any) -> str:
     return f"{host}:{port} -> 127.0.0.1:5672"
 
 
+def _rabbitmqctl(*args: str) -> str:
+    """What ``rabbitmqctl -q ARGS`` prints (it must succeed)."""
+    import subprocess
+
+    done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True)
+    return done.stdout
+
+
 def confirm_modes(connection: Any) -> list[bool]:
     """Whether each open channel of ``connection`` is in publisher-confirm mode, as the
     server sees it (``rabbitmqctl list_channels``)."""
-    import subprocess
-
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_channels", "name", "confirm"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    listing = _rabbitmqctl("list_channels", "name", "confirm")
     name = _client_name(connection)
     return [line.split("\t")[1] == "true" for line in listing.splitlines() if line.startswith(name)]
 
@@ -146,19 +147,8 @@ def confirm_modes(connection: Any) -> list[bool]:
 def close_server_side(connection: Any) -> None:
     """Have RabbitMQ close ``connection`` (a pika BlockingConnection) from its side, as an
     operator's ``rabbitmqctl close_connection`` does."""
-    import subprocess
-
     name = _client_name(connection)
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "name"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    listing = _rabbitmqctl("list_connections", "pid", "name")
     pids = [line.split("\t")[0] for line in listing.splitlines() if line.endswith(name)]
     assert len(pids) == 1, (name, listing)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "close_connection", pids[0], "dq test"],
-        check=True,
-        capture_output=True,
-    )
+    _rabbitmqctl("close_connection", pids[0], "dq test")
