@@ -377,14 +377,15 @@ def test_deliveries_are_read_whole_whatever_their_size(broker: RabbitmqBroker, p
 @given(
     st.lists(st.sampled_from([0, 1, 100, 5000, 140_000, 300_000]), min_size=1, max_size=6),
     st.lists(st.integers(1, 700_000), max_size=8),
-    st.booleans(),
+    st.sampled_from(["none", "between", "inside"]),
 )
 def test_the_consumer_reads_deliveries_across_any_read_boundaries(
-    sizes: list[int], cuts: list[int], heartbeats: bool
+    sizes: list[int], cuts: list[int], heartbeats: str
 ) -> None:
     # Deliveries (some too big to hold back, which pika may assemble), with heartbeats
-    # between them, cut into arbitrary reads: each reaches its consumer's callback
-    # once, whole, in order, and pika's reader is never left holding part of a frame.
+    # between them or inside them (after the content header), cut into arbitrary
+    # reads: each reaches its consumer's callback once, whole, in order, and pika's
+    # reader is never left holding part of a frame.
     broker = RabbitmqBroker(url=RABBITMQ_URL, middleware=[])
     queue = new_prefix("reads")
     try:
@@ -400,11 +401,13 @@ def test_the_consumer_reads_deliveries_across_any_read_boundaries(
                 pika.frame.Method(number, pika.spec.Basic.Deliver("test-tag", i, False, "", queue))
             )
             frames.append(pika.frame.Header(number, size, pika.spec.BasicProperties()))
+            if heartbeats == "inside":
+                frames.append(pika.frame.Heartbeat())
             frame_max = 131_072 - 8
             frames += [
                 pika.frame.Body(number, body[k : k + frame_max]) for k in range(0, size, frame_max)
             ]
-            if heartbeats:
+            if heartbeats == "between":
                 frames.append(pika.frame.Heartbeat())
         data = b"".join(f.marshal() for f in frames)
         bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
@@ -414,7 +417,7 @@ def test_the_consumer_reads_deliveries_across_any_read_boundaries(
         assert got == [(i, bytes([i]) * size) for i, size in enumerate(sizes, 1)]
         assert impl.connection.bytes_received - before == len(data)
         # Deliveries under the hold-back size are all decoded by the consumer itself.
-        small = sum(1 for size in sizes if size <= 140_000)
+        small = sum(1 for size in sizes if size <= 140_000) if heartbeats != "inside" else 0
         assert small <= consumer._fast_reads <= len(sizes)  # type: ignore[attr-defined]
         assert not impl.connection._frame_buffer and not consumer._unread  # type: ignore[attr-defined]
         del impl._consumers["test-tag"]

@@ -178,16 +178,21 @@ class _Delivered(NamedTuple):
     body: bytes
 
 
-def _frame_at(data: bytes, offset: int, kind: int, channel: int) -> tuple[int, int] | None:
+_INCOMPLETE: Final = "incomplete"  # `_parse_delivery`: the rest has not arrived yet
+
+
+def _frame_at(data: bytes, offset: int, kind: int, channel: int) -> tuple[int, int] | str | None:
     """The payload's (start, stop) of a whole frame of ``kind`` on ``channel`` at
-    ``offset``, or None (another frame, or not all of it is there)."""
-    if len(data) - offset < 8:
-        return None
+    ``offset``; None if another frame is there; `_INCOMPLETE` if not all of it is."""
+    if len(data) - offset < 7:
+        return _INCOMPLETE
     frame_kind, number, size = _FRAME_HEADER.unpack_from(data, offset)
+    if frame_kind != kind or number != channel:
+        return None
     start = offset + 7
     stop = start + size
-    if frame_kind != kind or number != channel or stop >= len(data):
-        return None
+    if stop >= len(data):
+        return _INCOMPLETE
     if data[stop] != _FRAME_END:
         raise pika.exceptions.InvalidFrameError("Invalid FRAME_END marker")
     return start, stop
@@ -221,15 +226,22 @@ def parse_delivery(data: bytes, offset: int, channel: int) -> _Delivered | None:
     for the one frame sequence that matters, with pika's own method and properties
     classes (`_RabbitmqConsumer._read` says when it is used).
     """
+    delivered = _parse_delivery(data, offset, channel)
+    return delivered if isinstance(delivered, _Delivered) else None
+
+
+def _parse_delivery(data: bytes, offset: int, channel: int) -> _Delivered | str | None:
+    """`parse_delivery`, telling apart a delivery whose frames so far came in order
+    and whose rest has not arrived (`_INCOMPLETE`) from anything else (None)."""
+    if len(data) - offset >= 11 and not _is_delivery(data, offset, channel):
+        return None
     method_frame = _frame_at(data, offset, pika.spec.FRAME_METHOD, channel)
-    if method_frame is None:
-        return None
+    if not isinstance(method_frame, tuple):
+        return method_frame
     start, stop = method_frame
-    if _METHOD_ID.unpack_from(data, start)[0] != _DELIVER_ID:
-        return None
     header = _frame_at(data, stop + 1, pika.spec.FRAME_HEADER, channel)
-    if header is None:
-        return None
+    if not isinstance(header, tuple):
+        return header
     method = pika.spec.Basic.Deliver().decode(data, start + 4)
     header_start, stop = header
     _, _, size = _CONTENT_HEADER.unpack_from(data, header_start)
@@ -240,8 +252,8 @@ def parse_delivery(data: bytes, offset: int, channel: int) -> _Delivered | None:
     received = 0
     while received < size:
         body = _frame_at(data, stop + 1, pika.spec.FRAME_BODY, channel)
-        if body is None:
-            return None
+        if not isinstance(body, tuple):
+            return body
         body_start, stop = body
         parts.append(data[body_start:stop])
         received += stop - body_start
@@ -1171,8 +1183,8 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
         offset, end = 0, len(data)
         while offset < end:
             if assembler._method_frame is None:  # pika is not in the middle of a content
-                delivered = parse_delivery(data, offset, channel)
-                if delivered is not None:
+                delivered = _parse_delivery(data, offset, channel)
+                if isinstance(delivered, _Delivered):
                     tag = delivered.method.consumer_tag
                     callback = consumers.get(tag) if tag is not None else None
                     if callback is None or tag in cancelled:
@@ -1184,7 +1196,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                         callback(impl, delivered.method, delivered.properties, delivered.body)
                     offset = delivered.end
                     continue
-                if end - offset < _HOLD_BACK and _is_delivery(data, offset, channel):
+                if delivered is _INCOMPLETE and end - offset < _HOLD_BACK:
                     break  # the rest of this delivery comes with the next read
             size = _whole_frame(data, offset)
             if not size:
