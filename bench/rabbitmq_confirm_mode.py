@@ -10,7 +10,8 @@ alternating blocks of ``--block`` sends, so both arms meet the same machine nois
   wait for the confirms, so the only difference is the server's confirm work.
 
 Prints send-to-start p50/p90/p99/max per arm and run, then medians (min–max) over the
-runs and the ratio plain/confirm-mode. Needs RabbitMQ on 127.0.0.1:5672 (or ``--url``).
+runs and the ratio plain/confirm-mode (of the medians, with the per-run min–max), as
+``harness`` computes them for the other benchmarks. Needs RabbitMQ on 127.0.0.1:5672 (or ``--url``).
 
     bash bench/run.sh rabbitmq-confirm-mode --runs 3 --samples 600
 """
@@ -27,15 +28,11 @@ from typing import Any
 import pika
 
 import dq
+import harness
 from dq.brokers import rabbitmq
 from dq.brokers.rabbitmq import RabbitmqBroker
 
 ARMS = ("plain", "confirm-mode")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 def one_run(url: str, samples: int, block: int, gap_s: float) -> dict[str, list[float]]:
@@ -105,12 +102,9 @@ def main() -> None:
         result = one_run(args.url, args.samples, args.block, args.gap_ms / 1000)
         for name in ARMS:
             ms = [x * 1000 for x in result[name]]
-            row = {
-                "p50": percentile(ms, 0.5),
-                "p90": percentile(ms, 0.9),
-                "p99": percentile(ms, 0.99),
-                "max": max(ms),
-            }
+            # As rabbitmq_bench.py's Percentiles computes them.
+            cuts = statistics.quantiles(ms, n=100, method="inclusive")
+            row = {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "max": max(ms)}
             for key, value in row.items():
                 figures[name].setdefault(key, []).append(value)
             shown = "  ".join(f"{k} {v:6.3f}" for k, v in row.items())
@@ -119,13 +113,12 @@ def main() -> None:
     for key in ("p50", "p90", "p99", "max"):
         cells = []
         for name in ARMS:
-            v = figures[name][key]
-            cells.append(f"{name} {statistics.median(v):.3f} ({min(v):.3f} – {max(v):.3f})")
-        pairs = zip(figures["plain"][key], figures["confirm-mode"][key], strict=True)
-        ratios = [p / c for p, c in pairs]
+            v = harness.spread(figures[name][key])
+            cells.append(f"{name} {v['median']:.3f} ({v['min']:.3f} – {v['max']:.3f})")
+        r = harness.ratios(figures["plain"][key], figures["confirm-mode"][key])
         cells.append(
-            f"plain/confirm-mode {statistics.median(ratios):.2f} "
-            f"({min(ratios):.2f} – {max(ratios):.2f})"
+            f"plain/confirm-mode {r['ratio_of_medians']:.2f} "
+            f"(per run {r['run_ratio_min']:.2f} – {r['run_ratio_max']:.2f})"
         )
         print(f"{key:4s} " + "   ".join(cells))
 

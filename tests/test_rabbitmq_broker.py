@@ -419,7 +419,7 @@ def test_the_consumer_reads_deliveries_across_any_read_boundaries(
         # Deliveries under the hold-back size are all decoded by the consumer itself.
         small = sum(1 for size in sizes if size <= 140_000) if heartbeats != "inside" else 0
         assert small <= consumer._fast_reads <= len(sizes)  # type: ignore[attr-defined]
-        assert not impl.connection._frame_buffer and not consumer._unread  # type: ignore[attr-defined]
+        assert not impl.connection._frame_buffer and not consumer._partial  # type: ignore[attr-defined]
         del impl._consumers["test-tag"]
         consumer.close()
     finally:

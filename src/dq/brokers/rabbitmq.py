@@ -1156,7 +1156,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
             return
         self._pika_read: Callable[[bytes], None] = getattr(connection, "_on_data_available")  # noqa: B009
         self._fast_reads = 0  # deliveries `_read` decoded (tests look)
-        self._unread = b""  # the start of a frame or delivery still arriving
+        self._partial = b""  # the start of a frame or delivery still arriving
         setattr(connection, "_on_data_available", self._read)  # noqa: B010
 
     def _read(self, data: bytes) -> None:
@@ -1172,8 +1172,8 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
         counters are kept (heartbeats look at them); a delivery for a consumer tag
         that is cancelled or unknown is pika's to handle.
         """
-        if self._unread:
-            data, self._unread = self._unread + data, b""
+        if self._partial:
+            data, self._partial = self._partial + data, b""
         connection: Any = self._impl.connection  # pika's counters are not in its stubs
         impl = self._impl
         assembler = getattr(impl, "_content_assembler")  # noqa: B009
@@ -1204,7 +1204,7 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
             self._pika_read(data[offset : offset + size])
             offset += size
         if offset < end:
-            self._unread = data[offset:]
+            self._partial = data[offset:]
 
     @property
     def _outstanding(self) -> int:
