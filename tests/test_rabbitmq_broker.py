@@ -632,6 +632,28 @@ def test_a_consumer_of_a_deleted_queue_fails_and_the_next_one_declares_it_again(
     again.close()
 
 
+def test_a_consumer_holding_most_of_its_prefetch_reads_what_the_server_sends(
+    broker: RabbitmqBroker, prefix: str
+) -> None:
+    # Three of four held (less than half free) and no ack to come: the fourth is
+    # read when it arrives, not when the 30 s timeout is over (nor lost to it).
+    broker.declare_queue(prefix, ensure=True)
+    consumer = broker.consume(prefix, prefetch=4, timeout=30_000)
+    held = []
+    for i in range(3):
+        broker.enqueue(Message(prefix, "f", (i,), {}, {}))
+        held.append(next(consumer))
+    late = threading.Timer(0.05, lambda: broker.enqueue(Message(prefix, "f", (3,), {}, {})))
+    late.start()
+    start = time.monotonic()
+    fourth = next(consumer)
+    assert fourth.args == (3,) and time.monotonic() - start < 10
+    late.join()
+    for message in [*held, fourth]:
+        consumer.ack(message)
+    consumer.close()
+
+
 def test_a_waiting_consumer_takes_what_arrives_and_never_more_than_its_prefetch(
     broker: RabbitmqBroker, prefix: str
 ) -> None:

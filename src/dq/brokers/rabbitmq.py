@@ -165,6 +165,7 @@ _METHOD_ID = struct.Struct(">I")
 _CONTENT_HEADER = struct.Struct(">HHQ")  # class, weight, body size
 _DELIVER_ID = pika.spec.Basic.Deliver.INDEX
 _FRAME_END = 0xCE
+_ROOM_LINGER_S = 0.002  # see `_RabbitmqConsumer._wait_for_room`
 _HOLD_BACK = 256 * 1024  # bytes of a partly read delivery kept to decode it whole
 
 
@@ -1394,15 +1395,27 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                 if not got and time.monotonic() >= deadline:
                     return False
 
-    def _wait_for_room(self, deadline: float) -> None:
+    def _wait_for_room(self, deadline: float, *, subscribed: bool = False) -> None:
         """Wait until at least half the prefetch is free or a message is buffered (or
-        ``deadline``, a due parked delivery, acks to send, or close)."""
+        ``deadline``, a due parked delivery, acks to send, or close).
+
+        ``subscribed``: the server may have sent deliveries for the room there is;
+        while some is free, wait at most `_ROOM_LINGER_S`, then read them. Otherwise
+        a caller holding all but part of the prefetch, with no ack to come, would
+        wait out its timeout with a message unread on the socket.
+        """
         with self._lock:
-            while self.prefetch - self._outstanding < self._min_batch and not self._buffer:
+            while (room := self.prefetch - self._outstanding) < self._min_batch and not (
+                self._buffer
+            ):
                 remaining = self._wait_s(deadline)
                 if remaining <= 0 or self._closed or self._outbox:
                     return
-                self._room.wait(remaining)
+                if subscribed and room > 0:
+                    if not self._room.wait(min(remaining, _ROOM_LINGER_S)):
+                        return
+                else:
+                    self._room.wait(remaining)
 
     def _stream(self, deadline: float) -> bool:
         """`_fetch` without exact reservations: one consume, with the prefetch as its
@@ -1411,9 +1424,10 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
 
         While less than half the prefetch is free it waits for room, not on the
         socket: the server sends a message for each ack meanwhile, and they are then
-        read in one go rather than one wake-up each."""
+        read in one go rather than one wake-up each. It waits so at most
+        `_ROOM_LINGER_S` when no room frees up, then reads what came."""
         while True:
-            self._wait_for_room(deadline)
+            self._wait_for_room(deadline, subscribed=True)
             if self._buffer:
                 return True
             with self._io:
@@ -1429,10 +1443,10 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
                         self._pump(lambda: bool(self._buffer) or self._closed, wait)
                 except _AMQP_ERRORS as e:
                     raise self._failure(e) from e
+                if wait <= 0:  # the socket was not read: notice a close from the server
+                    self._check_alive()  # (and read what came)
                 if self._buffer:
                     return True
-                if wait <= 0:  # the socket was not read: notice a close from the server
-                    self._check_alive()
                 if self._closed or time.monotonic() >= deadline:
                     return False
 
