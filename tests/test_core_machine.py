@@ -20,14 +20,20 @@ from dq.core import (
     Command,
     DeclareQueue,
     Enqueue,
+    ExpireDeadLetters,
+    ExpireLeases,
     Flush,
     FlushAll,
     InvalidTransition,
     Nack,
     Promote,
+    Recover,
     Release,
+    Renew,
+    Replace,
     Requeue,
     Reserve,
+    Start,
     Status,
     apply,
     initial_state,
@@ -273,9 +279,9 @@ def test_a_large_queue_is_not_copied_per_step() -> None:
 
 # -- the exhaustive (status x command) square --------------------------------------------
 
-QUEUE_COMMANDS = (DeclareQueue, Enqueue, Reserve, Flush)
-ENTRY_COMMANDS = (Ack, AckMany, Nack, Requeue, Promote)
-BROKER_COMMANDS = (FlushAll, Release)
+QUEUE_COMMANDS = (DeclareQueue, Enqueue, Reserve, Flush, ExpireDeadLetters)
+ENTRY_COMMANDS = (Ack, AckMany, Nack, Requeue, Promote, Replace, Start)
+BROKER_COMMANDS = (FlushAll, Release, Recover, Renew, ExpireLeases)
 QUEUE_STATUSES = (Status.UNDECLARED, Status.DECLARED, Status.DEAD_LETTER_QUEUE)
 ENTRY_STATUSES = (Status.RESERVED, Status.HELD, Status.UNRESERVED)
 
@@ -297,7 +303,7 @@ def reachable_states(draw: st.DrawFn) -> BrokerState:
     state = initial_state()
     n = 0
     for _ in range(draw(st.integers(0, 25))):
-        kind = draw(st.integers(0, 8))
+        kind = draw(st.integers(0, 12))
         name = draw(st.sampled_from(QUEUES))
         command: Command
         if kind == 0:
@@ -316,8 +322,26 @@ def reachable_states(draw: st.DrawFn) -> BrokerState:
             command = (Ack(seq), Nack(seq, 0), Requeue(seq))[kind - 4]
         elif kind == 7:
             command = Flush(name)
-        else:
+        elif kind == 8:
             command = Release(draw(st.sampled_from(["c1", "c2"])))
+        elif kind == 9 and len(state.reserved):
+            command = Start(
+                draw(st.sampled_from(sorted(state.reserved.keys()))), draw(st.booleans())
+            )
+        elif kind == 10:
+            command = Recover(
+                draw(st.sampled_from(["c1", "c2"])), 0, draw(st.sampled_from([0, 2, 3]))
+            )
+        elif kind == 11 and len(state.reserved):
+            seq = draw(st.sampled_from(sorted(state.reserved.keys())))
+            entry = state.reserved[seq].entry
+            n += 1
+            retry = policy.delayed(
+                message(policy.q_name(entry.queue_name), n), delay_ms=10, now_ms=0
+            )
+            command = Replace(seq, retry, b"%d" % n)
+        else:
+            command = Renew(draw(st.sampled_from(["c1", "c2"])), draw(st.integers(0, 10)))
         with contextlib.suppress(InvalidTransition):
             state = apply(state, command).state
     return state
@@ -345,6 +369,12 @@ def check_invariants(state: BrokerState) -> None:
         seqs.append(seq)
     assert len(seqs) == len(set(seqs)), "an entry is in two places at once"
     assert all(0 < seq < state.next_seq for seq in seqs)
+    # Delivery counts exist only for stored, unsettled entries of canonical queues.
+    live = {row[0] for queue in state.queues.values() for row in queue.ready} | set(
+        state.reserved.keys()
+    )
+    for seq, count in state.deliveries.items():
+        assert seq in live and count >= 1, (seq, count)
 
 
 def command_for(
@@ -365,6 +395,8 @@ def command_for(
             return Enqueue(message(name, 999), b"")
         if kind is Reserve:
             return Reserve(name, "c", 1)
+        if kind is ExpireDeadLetters:
+            return ExpireDeadLetters(name, draw(st.integers(-1, 10)))
         return Flush(name)
     if kind in ENTRY_COMMANDS:
         wanted = [
@@ -384,13 +416,28 @@ def command_for(
             return Nack(seq, 5)
         if kind is Requeue:
             return Requeue(seq)
+        if kind is Start:
+            return Start(seq, draw(st.booleans()))
         reservation = state.reserved.get(seq)
+        if kind is Replace:
+            name = policy.q_name(reservation.entry.queue_name) if reservation else "a"
+            retry = message(name, 998)
+            if draw(st.booleans()):
+                retry = policy.delayed(retry, delay_ms=5, now_ms=0)
+            return Replace(seq, retry, b"retry")
         mid = reservation.entry.message_id if reservation else "none"
         name = policy.q_name(reservation.entry.queue_name) if reservation else "a"
         return Promote(seq, Message(name, "f", (), core.EMPTY, core.EMPTY, mid, 0), b"")
     if kind is FlushAll:
         return FlushAll()
-    return Release(draw(st.sampled_from(["c1", "c2", "c3"])))
+    consumer = draw(st.sampled_from(["c1", "c2", "c3"]))
+    if kind is Recover:
+        return Recover(consumer, 7, draw(st.sampled_from([0, 2, 3])))
+    if kind is Renew:
+        return Renew(consumer, draw(st.integers(0, 10)))
+    if kind is ExpireLeases:
+        return ExpireLeases(draw(st.integers(0, 10)), draw(st.sampled_from([0, 2])))
+    return Release(consumer)
 
 
 SQUARE = [
@@ -429,7 +476,7 @@ def test_every_status_command_pair(
             assert total_after == total_before + 1
         elif kind in (Ack, AckMany):
             assert total_after == total_before - 1
-        elif kind in (Flush, FlushAll):
+        elif kind in (Flush, FlushAll, ExpireDeadLetters):
             assert total_after <= total_before
         else:
             assert total_after == total_before

@@ -465,7 +465,7 @@ def test_a_message_that_kills_its_worker_each_time_is_dead_lettered(
     # Once the bystander is acked, nothing but the dead letter is left.
     consumer = broker.consume("q", prefetch=1, timeout=100)
     message = next(consumer)
-    consumer.started(message)  # type: ignore[attr-defined]  # Redis consumers can
+    consumer.started(message, alone=True)
     consumer.ack(message)
     consumer.close()
     broker.close()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, Self, T
 
 import attrs
 
-from dq.core import FrozenDict
+from dq.core import DeathReason, FrozenDict
 from dq.errors import ActorNotFound
 from dq.logging import get_logger
 from dq.middleware import Middleware, default_middleware
@@ -367,6 +367,24 @@ class Consumer(abc.ABC):
     def close(self) -> None:  # noqa: B027
         """Close the consumer."""
 
+    # -- optional capabilities the worker uses (defaults: the consumer lacks them) --------
+
+    def suspect(self, message: MessageProxy) -> bool:
+        """Whether a consumer died holding ``message`` before (its delivery count is
+        at least one): dq's worker then runs it alone, so that a death while it runs
+        is charged to it and to nothing else (`dq.core.policy.deliveries_after_death`).
+        The default, for consumers with no delivery cap: False."""
+        return False
+
+    def started(self, message: MessageProxy, *, alone: bool) -> None:  # noqa: B027
+        """Record that ``message`` starts running (``alone``: nothing else runs in this
+        process meanwhile), for the delivery cap (`dq.core.Start`). The default: nothing
+        to record.
+
+        Raises:
+            BrokerConnectionError: the broker could not be reached.
+        """
+
 
 class MessageProxy:
     """A message as a consumer delivered it, plus its processing outcome.
@@ -397,6 +415,8 @@ class MessageProxy:
         self._tag: object = None
         #: A message to store in place of this one when it is acked (and its delay).
         self._replacement: tuple[Message[Any], int | None] | None = None
+        #: Why it is dead-lettered when it is nacked (consumers log and keep it).
+        self.death_reason: DeathReason = DeathReason.NACKED
 
     @property
     def message(self) -> Message[Any]:

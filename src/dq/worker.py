@@ -216,7 +216,7 @@ def _log_failure(
 
 @runtime_checkable
 class _Starting(Protocol):
-    def started(self, message: MessageProxy) -> None: ...
+    def started(self, message: MessageProxy, *, alone: bool) -> None: ...
 
 
 def mark_started(
@@ -226,7 +226,7 @@ def mark_started(
     so a message that kills its process is recognised (``max_deliveries``)."""
     if _implements(type(consumer), _Starting):  # cached: this runs for every message
         try:
-            cast("_Starting", consumer).started(message)
+            cast("_Starting", consumer).started(message, alone=False)
         except BrokerConnectionError:
             logger.warning("Could not record that message %s started.", message.message_id)
 

@@ -11,7 +11,7 @@ from typing import TypeAlias
 
 import attrs
 
-from dq.core.records import Message
+from dq.core.records import DeathReason, Message
 
 
 @attrs.frozen
@@ -42,11 +42,20 @@ class Reserve:
     """Hand up to ``limit`` waiting entries of ``queue_name`` to a consumer.
 
     ``queue_name`` may name the delay queue (``q.DQ``). Subject: the queue.
+
+    Attributes:
+        queue_name: the queue (or delay queue).
+        consumer: who takes them.
+        limit: at most this many.
+        lease_until_ms: when the reservations lapse unless renewed (`Renew`), for
+            interpreters with leases (SQLite); None: they last until settled or
+            their consumer is released or recovered.
     """
 
     queue_name: str
     consumer: str
     limit: int = 1
+    lease_until_ms: int | None = None
 
 
 @attrs.frozen
@@ -77,10 +86,12 @@ class Nack:
     Attributes:
         seq: the entry.
         now_ms: the time of death, kept for dead-letter expiry.
+        reason: why (an actor that gave up, an undecodable payload, a bad eta...).
     """
 
     seq: int
     now_ms: int
+    reason: DeathReason = DeathReason.NACKED
 
 
 @attrs.frozen
@@ -107,6 +118,97 @@ class Promote:
     seq: int
     message: Message[object]
     payload: bytes
+
+
+@attrs.frozen
+class Replace:
+    """Store ``message`` in place of a reserved entry, and forget the entry, in one
+    step: how a retry is stored (the failed message acked, its retry stored on the
+    delay queue). Subject: the entry.
+
+    The replacement goes to the entry's canonical queue or its delay queue (with an
+    ``eta``: build it with `dq.core.policy.delayed`). The replacement is stored
+    before the original is forgotten, in the same step.
+
+    Attributes:
+        seq: the reserved entry.
+        message: the replacement, as it must be stored.
+        payload: its encoded bytes.
+    """
+
+    seq: int
+    message: Message[object]
+    payload: bytes
+
+
+@attrs.frozen
+class Start:
+    """Record that a reserved entry's message starts running. Subject: the entry.
+
+    Only the delivery cap reads it (`Recover`, `ExpireLeases`). Interpreters may
+    skip it for entries with no death counted yet: the count after a death is the
+    same either way (`dq.core.policy.deliveries_after_death`).
+
+    Attributes:
+        seq: the entry.
+        alone: nothing else runs in its process while it does.
+    """
+
+    seq: int
+    alone: bool
+
+
+@attrs.frozen
+class Recover:
+    """A consumer died: return what it held, counting the deliveries it cut short.
+    Subject: the broker.
+
+    Every reservation of ``consumer`` goes back to the tail of its queue (or delay
+    queue) with its delivery count updated by
+    `dq.core.policy.deliveries_after_death`; an entry of a canonical queue whose
+    count reaches ``max_deliveries`` is dead-lettered instead
+    (`DeathReason.MAX_DELIVERIES`).
+
+    Attributes:
+        consumer: the dead consumer.
+        now_ms: the time, for dead letters.
+        max_deliveries: the cap (0: none).
+    """
+
+    consumer: str
+    now_ms: int
+    max_deliveries: int = 0
+
+
+@attrs.frozen
+class Renew:
+    """Extend the leases of every reservation a consumer holds. Subject: the broker.
+
+    Attributes:
+        consumer: the live consumer.
+        until_ms: the new end of its leases.
+    """
+
+    consumer: str
+    until_ms: int
+
+
+@attrs.frozen
+class ExpireLeases:
+    """Recover every reservation whose lease ended before ``now_ms``, as `Recover`
+    does for a dead consumer. Subject: the broker."""
+
+    now_ms: int
+    max_deliveries: int = 0
+
+
+@attrs.frozen
+class ExpireDeadLetters:
+    """Drop the dead letters of a queue that died at or before ``cutoff_ms``.
+    Subject: the queue."""
+
+    queue_name: str
+    cutoff_ms: int
 
 
 @attrs.frozen
@@ -141,6 +243,12 @@ Command: TypeAlias = (
     | Nack
     | Requeue
     | Promote
+    | Replace
+    | Start
+    | Recover
+    | Renew
+    | ExpireLeases
+    | ExpireDeadLetters
     | Flush
     | FlushAll
     | Release
@@ -156,6 +264,12 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     Nack,
     Requeue,
     Promote,
+    Replace,
+    Start,
+    Recover,
+    Renew,
+    ExpireLeases,
+    ExpireDeadLetters,
     Flush,
     FlushAll,
     Release,

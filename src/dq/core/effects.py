@@ -12,7 +12,7 @@ from typing import TypeAlias
 
 import attrs
 
-from dq.core.records import Entry, Row
+from dq.core.records import DeathReason, Entry, Row
 
 
 @attrs.frozen
@@ -59,11 +59,46 @@ class Forget:
 
 @attrs.frozen
 class DeadLetter:
-    """Move ``entry`` to dead-letter queue ``xq_name``, dead since ``dead_at_ms``."""
+    """Move ``entry`` to dead-letter queue ``xq_name``, dead since ``dead_at_ms``,
+    for ``reason``."""
 
     entry: Entry
     xq_name: str
     dead_at_ms: int
+    reason: DeathReason = DeathReason.NACKED
+
+
+@attrs.frozen
+class MarkStarted:
+    """Record that ``entry`` started running (``alone`` or beside others)."""
+
+    entry: Entry
+    alone: bool
+
+
+@attrs.frozen
+class CountDeliveries:
+    """Record that ``entry`` has been cut short by its consumer's death ``deliveries``
+    times (it is stored, or about to be, by the effect listed next)."""
+
+    entry: Entry
+    deliveries: int
+
+
+@attrs.frozen
+class ExtendLeases:
+    """Make every reservation of ``consumer`` last until ``until_ms``."""
+
+    consumer: str
+    until_ms: int
+
+
+@attrs.frozen
+class DropDeadLetters:
+    """Delete the dead letters of ``queue_name`` that died at or before ``cutoff_ms``."""
+
+    queue_name: str
+    cutoff_ms: int
 
 
 @attrs.frozen
@@ -73,4 +108,15 @@ class Purge:
     queue_name: str
 
 
-Effect: TypeAlias = PushReady | PushDelayed | Deliver | Forget | DeadLetter | Purge
+Effect: TypeAlias = (
+    PushReady
+    | PushDelayed
+    | Deliver
+    | Forget
+    | DeadLetter
+    | Purge
+    | MarkStarted
+    | CountDeliveries
+    | ExtendLeases
+    | DropDeadLetters
+)

@@ -6,7 +6,7 @@ from typing import TypeAlias
 
 import attrs
 
-from dq.core.records import Entry, Row
+from dq.core.records import DeathReason, Entry, Row
 
 
 @attrs.frozen
@@ -58,6 +58,59 @@ class Nacked:
     """A reserved entry was settled as failed and dead-lettered."""
 
     entry: Entry
+    reason: DeathReason = DeathReason.NACKED
+
+
+@attrs.frozen
+class Replaced:
+    """A reserved entry was forgotten and ``new`` stored in its place (a retry)."""
+
+    old: Entry
+    new: Entry
+
+
+@attrs.frozen
+class Started:
+    """A reserved entry's message started running."""
+
+    entry: Entry
+    alone: bool
+
+
+@attrs.frozen
+class Recovered:
+    """An entry held by a dead consumer (or one whose lease ended) went back to its
+    queue, with ``deliveries`` deliveries cut short so far."""
+
+    entry: Entry
+    deliveries: int
+
+
+@attrs.frozen
+class DeadLettered:
+    """An entry held by a dead consumer was dead-lettered instead of recovered:
+    ``deliveries`` reached the cap."""
+
+    entry: Entry
+    deliveries: int
+    reason: DeathReason
+
+
+@attrs.frozen
+class LeasesExtended:
+    """A consumer's leases now last until ``until_ms`` (``count`` reservations)."""
+
+    consumer: str
+    until_ms: int
+    count: int
+
+
+@attrs.frozen
+class DeadLettersExpired:
+    """``dropped`` dead letters of a queue were past their time and dropped."""
+
+    queue_name: str
+    dropped: int
 
 
 @attrs.frozen
@@ -92,5 +145,11 @@ Event: TypeAlias = (
     | Nacked
     | Requeued
     | Promoted
+    | Replaced
+    | Started
+    | Recovered
+    | DeadLettered
+    | LeasesExtended
+    | DeadLettersExpired
     | Flushed
 )

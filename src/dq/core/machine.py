@@ -19,8 +19,13 @@ Rules:
    a silent no-op. A no-op that is meant (re-declaring a queue) has its own row.
 3. Nothing is lost inside a step: an entry leaves one place only in the step that puts
    it in another (ready → reserved → acked | dead-lettered | requeued; held → promoted).
-4. A replacement is stored before what it replaces is forgotten: `Promote` stores the
-   new copy and drops the held one in the same step.
+4. A replacement is stored before what it replaces is forgotten: `Promote` and
+   `Replace` store the new copy and drop the old one in the same step.
+5. A consumer that dies (`Recover`) or whose leases lapse (`ExpireLeases`) gives back
+   everything it held, each entry's delivery count updated by
+   `policy.deliveries_after_death`; an entry over the cap is dead-lettered with the
+   reason instead. Every decision (eta validity, the cap, who is dead) is a function
+   of `dq.core.policy`; interpreters only carry the step's effects out.
 
 The life of a message::
 
@@ -33,19 +38,25 @@ The life of a message::
             Reserve │               │        Reserve │ (from q.DQ)    │
                     ▼               │                ▼                │
               ┌──────────┐          │           ┌────────┐            │
-              │ RESERVED ├──────────┘           │  HELD  ├────────────┘
-              └─┬──────┬─┘                      └┬──┬──┬─┘
-            Ack │      │ Nack               Ack  │  │  │ Promote (eta passed):
-                ▼      ▼                         │  │  │ a new READY copy on q,
-            (acked)  DEAD-LETTERED ◄─────────────┼──┘  │ the held one forgotten,
-                ▲      (q.XQ)             Nack   │     │ in one step
-                └────────────────────────────────┘     └──► READY
+     Start ┌───►│ RESERVED ├──────────┘           │  HELD  ├────────────┘
+   (marks  └────┴─┬──────┬─┘                      └┬──┬──┬─┘
+    a run)    Ack │      │ Nack               Ack  │  │  │ Promote (eta passed):
+                  ▼      ▼                         │  │  │ a new READY copy on q,
+              (acked)  DEAD-LETTERED ◄─────────────┼──┘  │ the held one forgotten,
+                  ▲      (q.XQ)             Nack   │     │ in one step
+                  └────────────────────────────────┘     └──► READY
 
-    Flush drops READY, DELAYED and DEAD-LETTERED entries of a queue; RESERVED and
-    HELD entries stay with their consumers. Release returns everything a consumer
-    holds to READY / DELAYED (it closed or died). AckMany is an Ack of each of
-    several entries in one step (group commit); its subject is the batch, RESERVED
-    (or HELD, when all are) only if every entry in it is, each named once.
+    Replace (RESERVED or HELD): a new copy on q or q.DQ (a retry) is stored and the
+    reserved one forgotten, in one step.
+    Recover / ExpireLeases (the consumer died, or its leases lapsed): each RESERVED
+    or HELD entry goes back to READY / DELAYED with its delivery count updated, or,
+    past max_deliveries, to DEAD-LETTERED (reason MAX_DELIVERIES).
+    Release (the consumer closed): back to READY / DELAYED, nothing counted.
+    Renew extends a consumer's leases. Flush drops READY, DELAYED and DEAD-LETTERED
+    entries of a queue; RESERVED and HELD entries stay with their consumers.
+    ExpireDeadLetters drops dead letters past their time. AckMany is an Ack of each
+    of several entries in one step (group commit); its subject is the batch,
+    RESERVED (or HELD, when all are) only if every entry in it is, each named once.
 
 Statuses a command can observe are the rows of the table: a queue is UNDECLARED or
 DECLARED; an entry is RESERVED (taken from ``q``), HELD (taken from ``q.DQ``) or
@@ -61,6 +72,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from rpds import HashTrieMap
 
 from dq.core import commands as c
 from dq.core import effects as fx
@@ -70,11 +82,23 @@ from dq.core.persistent import PQueue, empty_queue
 from dq.core.policy import (
     DEAD_SUFFIX,
     DELAY_SUFFIX,
+    deliveries_after_death,
+    lease_expired,
     message_eta_ms,
+    over_delivery_cap,
     q_name,
     xq_name,
 )
-from dq.core.records import BrokerState, DeadLetter, Entry, QueueState, Reservation, Row
+from dq.core.records import (
+    BrokerState,
+    DeadLetter,
+    DeathReason,
+    Entry,
+    QueueState,
+    Reservation,
+    Row,
+    Run,
+)
 
 
 class Status(enum.Enum):
@@ -167,8 +191,14 @@ _SUBJECT: dict[type[c.Command], Callable[[BrokerState, Any], Status]] = {
     c.Nack: _subject_entry_status,
     c.Requeue: _subject_entry_status,
     c.Promote: _subject_entry_status,
+    c.Replace: _subject_entry_status,
+    c.Start: _subject_entry_status,
+    c.ExpireDeadLetters: lambda s, cmd: _queue_status(s, cmd.queue_name),
     c.FlushAll: lambda s, cmd: Status.OPEN,
     c.Release: lambda s, cmd: Status.OPEN,
+    c.Recover: lambda s, cmd: Status.OPEN,
+    c.Renew: lambda s, cmd: Status.OPEN,
+    c.ExpireLeases: lambda s, cmd: Status.OPEN,
 }
 
 
@@ -183,7 +213,12 @@ def status_of(state: BrokerState, command: c.Command) -> Status:
 def _declare(state: BrokerState, command: c.DeclareQueue) -> Step:
     name = q_name(command.queue_name)
     return Step(
-        BrokerState(state.queues.insert(name, QueueState(name)), state.reserved, state.next_seq),
+        BrokerState(
+            state.queues.insert(name, QueueState(name)),
+            state.reserved,
+            state.next_seq,
+            state.deliveries,
+        ),
         (),
         (ev.QueueDeclared(name), ev.DelayQueueDeclared(name + DELAY_SUFFIX)),
     )
@@ -212,7 +247,9 @@ def _enqueue(state: BrokerState, command: c.Enqueue) -> Step:
         )
         effect = fx.PushReady(row)
     return Step(
-        BrokerState(state.queues.insert(queue.name, queue), state.reserved, seq + 1),
+        BrokerState(
+            state.queues.insert(queue.name, queue), state.reserved, seq + 1, state.deliveries
+        ),
         (effect,),
         (ev.Enqueued(row),),
     )
@@ -227,15 +264,17 @@ def _reserve(state: BrokerState, command: c.Reserve) -> Step:
         return Step(state)
     rows, waiting = waiting.take(command.limit)
     entries = tuple([Entry(*row) for row in rows])  # Entry.from_row, inlined
-    consumer = command.consumer
-    reserved = state.reserved.update({entry.seq: Reservation(entry, consumer) for entry in entries})
+    consumer, lease = command.consumer, command.lease_until_ms
+    reserved = state.reserved.update(
+        {entry.seq: Reservation(entry, consumer, lease) for entry in entries}
+    )
     in_flight = queue.in_flight + len(entries)
     if from_delay:
         queue = QueueState(name, queue.ready, waiting, in_flight, queue.dead)
     else:
         queue = QueueState(name, waiting, queue.delayed, in_flight, queue.dead)
     return Step(
-        BrokerState(state.queues.insert(name, queue), reserved, state.next_seq),
+        BrokerState(state.queues.insert(name, queue), reserved, state.next_seq, state.deliveries),
         (fx.Deliver(command.consumer, entries),),
         (ev.Reserved(command.consumer, entries),),
     )
@@ -260,8 +299,13 @@ def _ack(state: BrokerState, command: c.Ack) -> Step:
     queues = state.queues
     queue = queues[name]
     queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
+    deliveries = state.deliveries
+    if deliveries:  # empty unless a consumer died holding something
+        deliveries = deliveries.discard(seq)
     return Step(
-        BrokerState(queues.insert(name, queue), state.reserved.remove(seq), state.next_seq),
+        BrokerState(
+            queues.insert(name, queue), state.reserved.remove(seq), state.next_seq, deliveries
+        ),
         (fx.Forget(entry),),
         (ev.Acked(entry),),
     )
@@ -290,26 +334,34 @@ def _ack_many(state: BrokerState, command: c.AckMany) -> Step:
             name,
             QueueState(name, queue.ready, queue.delayed, queue.in_flight - count, queue.dead),
         )
-    return Step(BrokerState(queues, reserved, state.next_seq), tuple(effects), tuple(events))
+    deliveries = state.deliveries
+    if deliveries:
+        for seq in command.seqs:
+            deliveries = deliveries.discard(seq)
+    return Step(
+        BrokerState(queues, reserved, state.next_seq, deliveries), tuple(effects), tuple(events)
+    )
 
 
 def _nack(state: BrokerState, command: c.Nack) -> Step:
     entry, queue = _settle(state, command.seq)
+    reason = command.reason
     queue = QueueState(
         queue.name,
         queue.ready,
         queue.delayed,
         queue.in_flight,
-        queue.dead.push(DeadLetter(entry, command.now_ms)),
+        queue.dead.push(DeadLetter(entry, command.now_ms, reason)),
     )
     return Step(
         BrokerState(
             state.queues.insert(queue.name, queue),
             state.reserved.remove(command.seq),
             state.next_seq,
+            state.deliveries.discard(command.seq),
         ),
-        (fx.DeadLetter(entry, xq_name(queue.name), command.now_ms),),
-        (ev.Nacked(entry),),
+        (fx.DeadLetter(entry, xq_name(queue.name), command.now_ms, reason),),
+        (ev.Nacked(entry, reason),),
     )
 
 
@@ -337,6 +389,7 @@ def _requeue(state: BrokerState, command: c.Requeue) -> Step:
             state.queues.insert(queue.name, queue),
             state.reserved.remove(command.seq),
             state.next_seq,
+            state.deliveries,
         ),
         (effect,),
         (ev.Requeued(entry),),
@@ -366,6 +419,7 @@ def _promote(state: BrokerState, command: c.Promote) -> Step:
             state.queues.insert(queue.name, queue),
             state.reserved.remove(command.seq),
             state.next_seq + 1,
+            state.deliveries.discard(command.seq),
         ),
         # Store the replacement first, then forget the held copy.
         (fx.PushReady(new.row), fx.Forget(old)),
@@ -373,31 +427,118 @@ def _promote(state: BrokerState, command: c.Promote) -> Step:
     )
 
 
-def _flushed(queue: QueueState) -> tuple[QueueState, int]:
+def _replace(state: BrokerState, command: c.Replace) -> Step:
+    old, queue = _settle(state, command.seq)
+    message = command.message
+    target = message.queue_name
+    if q_name(target) != queue.name or target.endswith(DEAD_SUFFIX):
+        status = Status.HELD if old.queue_name.endswith(DELAY_SUFFIX) else Status.RESERVED
+        raise InvalidTransition(
+            status,
+            command,
+            f"the replacement of {old.message_id!r} must be stored on {queue.name!r} or "
+            f"{queue.name + DELAY_SUFFIX!r}, not {target!r}",
+        )
+    seq = state.next_seq
+    effect: fx.Effect
+    if target.endswith(DELAY_SUFFIX):
+        row: Row = (seq, target, message.message_id, message_eta_ms(message), command.payload)
+        queue = QueueState(
+            queue.name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead
+        )
+        effect = fx.PushDelayed(row)
+    else:
+        row = (seq, target, message.message_id, None, command.payload)
+        queue = QueueState(
+            queue.name, queue.ready.push(row), queue.delayed, queue.in_flight, queue.dead
+        )
+        effect = fx.PushReady(row)
+    return Step(
+        BrokerState(
+            state.queues.insert(queue.name, queue),
+            state.reserved.remove(command.seq),
+            seq + 1,
+            state.deliveries.discard(command.seq),
+        ),
+        # Store the replacement first, then forget the original.
+        (effect, fx.Forget(old)),
+        (ev.Replaced(old, Entry(*row)),),
+    )
+
+
+def _start(state: BrokerState, command: c.Start) -> Step:
+    reservation = state.reserved[command.seq]
+    run = Run.ALONE if command.alone else Run.SHARED
+    return Step(
+        BrokerState(
+            state.queues,
+            state.reserved.insert(command.seq, attrs.evolve(reservation, run=run)),
+            state.next_seq,
+            state.deliveries,
+        ),
+        (fx.MarkStarted(reservation.entry, command.alone),),
+        (ev.Started(reservation.entry, command.alone),),
+    )
+
+
+def _flushed(
+    queue: QueueState, deliveries: HashTrieMap[int, int]
+) -> tuple[QueueState, int, HashTrieMap[int, int]]:
+    """Return ``queue`` without its waiting entries and dead letters, how many were
+    dropped, and ``deliveries`` without the counts of the dropped entries."""
     dropped = len(queue.ready) + len(queue.delayed) + len(queue.dead)
+    if deliveries:
+        for row in (*queue.ready, *queue.delayed):
+            deliveries = deliveries.discard(row[0])
     empty: PQueue[Any] = empty_queue()
-    return QueueState(queue.name, empty, empty, queue.in_flight, empty), dropped
+    return QueueState(queue.name, empty, empty, queue.in_flight, empty), dropped, deliveries
 
 
 def _flush(state: BrokerState, command: c.Flush) -> Step:
-    queue, dropped = _flushed(state.queues[q_name(command.queue_name)])
+    queue, dropped, deliveries = _flushed(
+        state.queues[q_name(command.queue_name)], state.deliveries
+    )
     return Step(
-        BrokerState(state.queues.insert(queue.name, queue), state.reserved, state.next_seq),
+        BrokerState(
+            state.queues.insert(queue.name, queue), state.reserved, state.next_seq, deliveries
+        ),
         (fx.Purge(queue.name),),
         (ev.Flushed(queue.name, dropped),),
     )
 
 
 def _flush_all(state: BrokerState, command: c.FlushAll) -> Step:
-    queues = state.queues
+    queues, deliveries = state.queues, state.deliveries
     effects: list[fx.Effect] = []
     events: list[ev.Event] = []
     for name in sorted(state.queues.keys()):
-        queue, dropped = _flushed(state.queues[name])
+        queue, dropped, deliveries = _flushed(state.queues[name], deliveries)
         queues = queues.insert(name, queue)
         effects.append(fx.Purge(name))
         events.append(ev.Flushed(name, dropped))
-    return Step(BrokerState(queues, state.reserved, state.next_seq), tuple(effects), tuple(events))
+    return Step(
+        BrokerState(queues, state.reserved, state.next_seq, deliveries),
+        tuple(effects),
+        tuple(events),
+    )
+
+
+def _expire_dead_letters(state: BrokerState, command: c.ExpireDeadLetters) -> Step:
+    name = q_name(command.queue_name)
+    queue = state.queues[name]
+    cutoff = command.cutoff_ms
+    kept = [dead for dead in queue.dead if dead.dead_at_ms > cutoff]
+    dropped = len(queue.dead) - len(kept)
+    if not dropped:
+        return Step(state, (fx.DropDeadLetters(name, cutoff),), (ev.DeadLettersExpired(name, 0),))
+    queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight, PQueue(kept))
+    return Step(
+        BrokerState(
+            state.queues.insert(name, queue), state.reserved, state.next_seq, state.deliveries
+        ),
+        (fx.DropDeadLetters(name, cutoff),),
+        (ev.DeadLettersExpired(name, dropped),),
+    )
 
 
 def _release(state: BrokerState, command: c.Release) -> Step:
@@ -414,7 +555,91 @@ def _release(state: BrokerState, command: c.Release) -> Step:
         reserved = reserved.remove(entry.seq)
         effects.append(effect)
         events.append(ev.Requeued(entry))
-    return Step(BrokerState(queues, reserved, state.next_seq), tuple(effects), tuple(events))
+    return Step(
+        BrokerState(queues, reserved, state.next_seq, state.deliveries),
+        tuple(effects),
+        tuple(events),
+    )
+
+
+def _recovered(
+    state: BrokerState, reservations: tuple[Reservation, ...], now_ms: int, max_deliveries: int
+) -> Step:
+    """Give back ``reservations`` (oldest first) of consumers that died: each entry to
+    the tail of its queue with its delivery count updated, or dead-lettered when an
+    entry of a canonical queue reaches ``max_deliveries``."""
+    queues, reserved, deliveries = state.queues, state.reserved, state.deliveries
+    effects: list[fx.Effect] = []
+    events: list[ev.Event] = []
+    for reservation in reservations:
+        entry = reservation.entry
+        seq = entry.seq
+        name = q_name(entry.queue_name)
+        queue = queues[name]
+        queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
+        reserved = reserved.remove(seq)
+        if entry.queue_name.endswith(DELAY_SUFFIX):
+            # A held delayed message never runs: its holder's death is not its doing.
+            queue, effect = _pushed_back(queue, entry)
+            effects.append(effect)
+            events.append(ev.Recovered(entry, deliveries.get(seq, 0)))
+        else:
+            count = deliveries_after_death(deliveries.get(seq, 0), reservation.run)
+            if over_delivery_cap(count, max_deliveries):
+                reason = DeathReason.MAX_DELIVERIES
+                queue = QueueState(
+                    name,
+                    queue.ready,
+                    queue.delayed,
+                    queue.in_flight,
+                    queue.dead.push(DeadLetter(entry, now_ms, reason)),
+                )
+                deliveries = deliveries.discard(seq)
+                effects.append(fx.DeadLetter(entry, xq_name(name), now_ms, reason))
+                events.append(ev.DeadLettered(entry, count, reason))
+            else:
+                queue, effect = _pushed_back(queue, entry)
+                deliveries = deliveries.insert(seq, count)
+                # The count is recorded first: the entry is never back without it.
+                effects.append(fx.CountDeliveries(entry, count))
+                effects.append(effect)
+                events.append(ev.Recovered(entry, count))
+        queues = queues.insert(name, queue)
+    return Step(
+        BrokerState(queues, reserved, state.next_seq, deliveries), tuple(effects), tuple(events)
+    )
+
+
+def _recover(state: BrokerState, command: c.Recover) -> Step:
+    return _recovered(
+        state, held_by(state, command.consumer), command.now_ms, command.max_deliveries
+    )
+
+
+def _expire_leases(state: BrokerState, command: c.ExpireLeases) -> Step:
+    now = command.now_ms
+    lapsed = tuple(
+        sorted(
+            (r for r in state.reserved.values() if lease_expired(r.lease_until_ms, now)),
+            key=lambda r: r.entry.seq,
+        )
+    )
+    return _recovered(state, lapsed, now, command.max_deliveries)
+
+
+def _renew(state: BrokerState, command: c.Renew) -> Step:
+    reserved = state.reserved
+    count = 0
+    for reservation in held_by(state, command.consumer):
+        reserved = reserved.insert(
+            reservation.entry.seq, attrs.evolve(reservation, lease_until_ms=command.until_ms)
+        )
+        count += 1
+    return Step(
+        BrokerState(state.queues, reserved, state.next_seq, state.deliveries),
+        (fx.ExtendLeases(command.consumer, command.until_ms),),
+        (ev.LeasesExtended(command.consumer, command.until_ms, count),),
+    )
 
 
 #: (status of the subject, command type) -> handler. Anything else is invalid.
@@ -433,8 +658,15 @@ TRANSITIONS: dict[tuple[Status, type[c.Command]], Handler] = {
     (Status.RESERVED, c.Requeue): _requeue,
     (Status.HELD, c.Requeue): _requeue,
     (Status.HELD, c.Promote): _promote,
+    (Status.RESERVED, c.Replace): _replace,
+    (Status.HELD, c.Replace): _replace,
+    (Status.RESERVED, c.Start): _start,
+    (Status.DECLARED, c.ExpireDeadLetters): _expire_dead_letters,
     (Status.OPEN, c.FlushAll): _flush_all,
     (Status.OPEN, c.Release): _release,
+    (Status.OPEN, c.Recover): _recover,
+    (Status.OPEN, c.Renew): _renew,
+    (Status.OPEN, c.ExpireLeases): _expire_leases,
 }
 
 
@@ -457,7 +689,10 @@ def apply(state: BrokerState, command: c.Command) -> Step:
         InvalidTransition: the table has no row for the subject's status and the
             command's type (for example, acking an entry nobody holds, or enqueueing
             on an undeclared queue), or the command contradicts the state (a promoted
-            copy that is not the held message, promoted).
+            copy that is not the held message, promoted; a replacement on another
+            queue).
+        InvalidValue: a message to store on a delay queue has an eta that
+            `dq.core.policy.eta_problem` refuses.
     """
     subject, handlers = _BY_TYPE[type(command)]
     status = subject(state, command)
@@ -485,6 +720,11 @@ def waiting(state: BrokerState, queue_name: str) -> tuple[Entry, ...]:
     return tuple(Entry.from_row(row) for row in rows)
 
 
+def deliveries_of(state: BrokerState, seq: int) -> int:
+    """Return how many deliveries of entry ``seq`` were cut short by a death."""
+    return state.deliveries.get(seq, 0)
+
+
 def dead_letters(state: BrokerState, queue_name: str) -> tuple[DeadLetter, ...]:
     """Return the dead letters of a queue, oldest first."""
     queue = state.queues.get(q_name(queue_name))
@@ -508,6 +748,7 @@ __all__ = [
     "Step",
     "apply",
     "dead_letters",
+    "deliveries_of",
     "held_by",
     "pending",
     "status_of",

@@ -1,4 +1,8 @@
-"""Pure decisions: queue naming, delays and etas, retry backoff.
+"""Pure decisions: queue naming, delays and etas, retry backoff, the delivery cap,
+which consumers count as dead, and which option values are acceptable.
+
+Every broker asks these functions; no Lua script, SQL statement or AMQP sequence
+makes one of these decisions itself.
 
 Randomness and time come in as arguments, so each function is a plain function of its
 inputs and can be property-tested exhaustively.
@@ -6,6 +10,7 @@ inputs and can be property-tested exhaustively.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -14,7 +19,7 @@ import attrs
 
 from dq.core._frozendict import FrozenDict
 from dq.core.errors import InvalidValue
-from dq.core.records import Message
+from dq.core.records import Message, Run
 
 M = TypeVar("M", bound=Message[Any])
 
@@ -26,6 +31,15 @@ QUEUE_NAME_PATTERN = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
 
 #: Longest canonical name: RabbitMQ names are at most 255 bytes, and ``.XQ`` is added.
 MAX_QUEUE_NAME_BYTES = 252
+
+#: The latest eta (ms since the epoch) dq accepts: the last millisecond of the year
+#: 9999, the largest time `datetime` represents, and exact in a double (Lua, JSON).
+MAX_ETA_MS = 253_402_300_799_999
+
+#: Prefixes and names of the brokers' own keys: no queue may be named so.
+#: ``__heartbeats__`` and ``__acks__.*`` are Dramatiq's Redis keys, ``__dq__.*`` dq's.
+RESERVED_QUEUE_NAMES = frozenset({"__heartbeats__"})
+RESERVED_QUEUE_PREFIXES = ("__acks__.", "__dq__.")
 
 
 def q_name(queue_name: str) -> str:
@@ -75,18 +89,73 @@ def queue_name_problem(queue_name: object) -> str | None:
         return "the suffixes .DQ and .XQ are reserved for delay and dead-letter queues"
     if queue_name.endswith(".msgs"):
         return "the suffix .msgs is reserved (Redis stores a queue's messages under it)"
-    if queue_name == "__heartbeats__" or queue_name.startswith("__acks__."):
-        return "the names __heartbeats__ and __acks__.* are reserved by the Redis broker"
+    if queue_name in RESERVED_QUEUE_NAMES or queue_name.startswith(RESERVED_QUEUE_PREFIXES):
+        return "the names __heartbeats__, __acks__.* and __dq__.* are reserved for broker keys"
     if len(queue_name.encode()) > MAX_QUEUE_NAME_BYTES:
         return f"queue names are at most {MAX_QUEUE_NAME_BYTES} bytes long"
     return None
 
 
+def stored_queue_problem(queue_name: object) -> str | None:
+    """Return why a message cannot be stored on ``queue_name``, or None if it can.
+
+    A message is stored on a queue an actor may use (`queue_name_problem`) or on
+    that queue's delay queue (``q.DQ``); never on a dead-letter queue or on a name
+    that collides with a broker's own keys.
+    """
+    if isinstance(queue_name, str) and queue_name.endswith(DELAY_SUFFIX):
+        return queue_name_problem(queue_name[:-3])
+    return queue_name_problem(queue_name)
+
+
+def check_queue_name(queue_name: object, *, stored: bool = False) -> str:
+    """Return ``queue_name`` if an actor may use it (``stored``: if a message may be
+    stored on it, delay queues included).
+
+    Raises:
+        InvalidValue: it may not; the message names it and says why.
+    """
+    problem = (stored_queue_problem if stored else queue_name_problem)(queue_name)
+    if problem is not None:
+        raise InvalidValue(f"invalid queue name {queue_name!r}: {problem}")
+    assert isinstance(queue_name, str)
+    return queue_name
+
+
+def eta_problem(eta: object) -> str | None:
+    """Return why ``eta`` (an ``eta`` option's value) is not a time a message may
+    wait for, or None if it is (None itself: no eta).
+
+    An eta is a finite number of ms since the epoch, from 0 to `MAX_ETA_MS`. A
+    message stored with any other eta (NaN, infinite, a string, from a foreign
+    producer or a raw write) is dead-lettered for it (`DeathReason.BAD_ETA`).
+    """
+    if eta is None:
+        return None
+    if isinstance(eta, bool) or not isinstance(eta, int | float):
+        return f"an eta is a number of milliseconds since the epoch, not {eta!r}"
+    if isinstance(eta, float) and not math.isfinite(eta):
+        return f"an eta is a finite number of milliseconds, not {eta!r}"
+    if not 0 <= eta <= MAX_ETA_MS:
+        return f"an eta is between 0 and {MAX_ETA_MS} ms since the epoch, not {eta!r}"
+    return None
+
+
 def eta_ms(now_ms: int, delay_ms: int) -> int:
-    """Return when a message delayed by ``delay_ms`` at ``now_ms`` may run."""
+    """Return when a message delayed by ``delay_ms`` at ``now_ms`` may run.
+
+    Raises:
+        InvalidValue: ``delay_ms`` is negative, or the eta is past `MAX_ETA_MS`.
+    """
     if delay_ms < 0:
         raise InvalidValue(f"delay must be >= 0 milliseconds, got {delay_ms!r}")
-    return now_ms + delay_ms
+    eta = now_ms + delay_ms
+    if eta > MAX_ETA_MS:
+        raise InvalidValue(
+            f"delay {delay_ms!r} ms is too long: the eta would be past {MAX_ETA_MS} ms "
+            "since the epoch (the year 9999)"
+        )
+    return eta
 
 
 def delayed(message: M, *, delay_ms: int, now_ms: int) -> M:
@@ -107,12 +176,18 @@ def promoted(message: M) -> M:
 
 
 def message_eta_ms(message: Message[Any]) -> int | None:
-    """Return the message's eta in ms, or None when it has none (or it is ``null``)."""
+    """Return the message's eta in ms, or None when it has none (or it is ``null``).
+
+    Raises:
+        InvalidValue: the eta is not valid (`eta_problem`); the message names the
+            message and the value.
+    """
     eta = message.options.get("eta")
     if eta is None:
         return None
-    if isinstance(eta, bool) or not isinstance(eta, int | float):
-        raise InvalidValue(f"option 'eta' must be a number of milliseconds, got {eta!r}")
+    problem = eta_problem(eta)
+    if problem is not None:
+        raise InvalidValue(f"message {message.message_id} has a bad 'eta' option: {problem}")
     return int(eta)
 
 
@@ -318,3 +393,138 @@ def time_limit_deadline_ms(start_ms: int, limit_ms: float) -> float:
     """Return when an actor started at ``start_ms`` with ``limit_ms`` runs out of time
     (``inf`` when the limit is infinite)."""
     return start_ms + limit_ms
+
+
+# -- the delivery cap, and who counts as dead ----------------------------------------------
+
+#: How many deliveries a message may have cut short by its consumer's death, by default.
+DEFAULT_MAX_DELIVERIES = 10
+
+
+def delivery_cap_problem(max_deliveries: object) -> str | None:
+    """Return why ``max_deliveries`` is not a valid cap, or None if it is.
+
+    0 means no cap; otherwise at least 2, since the first death of a consumer that
+    held several messages is charged to each of them (nobody knows which one
+    killed it) and must not be enough to dead-letter any.
+    """
+    if isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int):
+        return f"max_deliveries is an integer, not {max_deliveries!r}"
+    if max_deliveries < 0 or max_deliveries == 1:
+        return f"max_deliveries is 0 (no cap) or at least 2, not {max_deliveries!r}"
+    return None
+
+
+def deliveries_after_death(before: int, run: Run) -> int:
+    """Return an entry's count of deliveries cut short, after its consumer died
+    holding it.
+
+    The first death counts for every entry held (nothing tells which one killed
+    the process, and runtimes need not report starts before it): the entry becomes
+    a *suspect*, and dq's worker runs suspects alone. After that, only a death
+    while the entry ran alone counts: a message that merely waited, or ran beside
+    others, is never blamed for its neighbour.
+    """
+    if before == 0 or run is Run.ALONE:
+        return before + 1
+    return before
+
+
+def over_delivery_cap(deliveries: int, max_deliveries: int) -> bool:
+    """Return whether an entry with ``deliveries`` deliveries cut short is dead-lettered
+    under the cap ``max_deliveries`` (0: never)."""
+    return max_deliveries > 0 and deliveries >= max_deliveries
+
+
+def is_dead(last_beat_ms: int | None, now_ms: int, timeout_ms: int) -> bool:
+    """Return whether a consumer whose last heartbeat was at ``last_beat_ms`` counts
+    as dead at ``now_ms`` (no heartbeat at all: dead)."""
+    return last_beat_ms is None or last_beat_ms <= now_ms - timeout_ms
+
+
+def dead_consumers(
+    beats: Mapping[str, int], now_ms: int, timeout_ms: int, *, alive: frozenset[str] = frozenset()
+) -> tuple[str, ...]:
+    """Return, sorted, the consumers of ``beats`` that count as dead at ``now_ms``,
+    except those known ``alive`` (the caller itself)."""
+    return tuple(
+        sorted(
+            consumer
+            for consumer, beat in beats.items()
+            if consumer not in alive and is_dead(beat, now_ms, timeout_ms)
+        )
+    )
+
+
+def lease_expired(lease_until_ms: int | None, now_ms: int) -> bool:
+    """Return whether a reservation leased until ``lease_until_ms`` has lapsed."""
+    return lease_until_ms is not None and lease_until_ms < now_ms
+
+
+# -- option values -------------------------------------------------------------------------
+
+
+def _whole(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _number(value: object, minimum: float, *, exclusive: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return value > minimum if exclusive else value >= minimum
+
+
+#: The options dq reads from a message, and what their values must be. Unknown
+#: options pass: middleware of a user's own may read them.
+_OPTION_RULES: dict[str, tuple[str, Any]] = {
+    "max_retries": ("an integer >= 0, or null", lambda v: v is None or _whole(v, 0)),
+    "retries": ("an integer >= 0, or null", lambda v: v is None or _whole(v, 0)),
+    "min_backoff": ("a number of ms >= 0", lambda v: _number(v, 0)),
+    "max_backoff": ("a number of ms >= 0", lambda v: _number(v, 0)),
+    "max_age": ("a number of ms >= 0, or null", lambda v: v is None or _number(v, 0)),
+    "time_limit": (
+        "a number of ms > 0, or null",
+        lambda v: v is None or _number(v, 0, exclusive=True),
+    ),
+    "notify_shutdown": ("true or false", lambda v: isinstance(v, bool)),
+    "eta": ("a finite number of ms", lambda v: eta_problem(v) is None),
+}
+
+
+def option_problem(key: str, value: object) -> str | None:
+    """Return why ``value`` is not acceptable for the option ``key``, or None.
+
+    Used at the boundary: `dq.Actor.send_with_options` refuses such a value, and a
+    message decoded from the wire with one is dead-lettered
+    (`DeathReason.BAD_OPTIONS`) instead of running with the option ignored.
+    """
+    rule = _OPTION_RULES.get(key)
+    if rule is None:
+        return None
+    expected, accepts = rule
+    if key == "eta":
+        return eta_problem(value)
+    if accepts(value):
+        return None
+    return f"option {key!r} must be {expected}, not {value!r}"
+
+
+def options_problem(options: Mapping[str, Any]) -> str | None:
+    """Return the first problem of `option_problem` among ``options``, or None."""
+    for key, value in options.items():
+        problem = option_problem(key, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def backoff_problem(min_backoff: object, max_backoff: object) -> str | None:
+    """Return why a backoff range is unusable, or None (both ms >= 0, min <= max is
+    not required: Dramatiq caps the computed backoff at max)."""
+    for key, value in (("min_backoff", min_backoff), ("max_backoff", max_backoff)):
+        problem = option_problem(key, value)
+        if problem is not None:
+            return problem
+    return None

@@ -8,6 +8,7 @@ boundary (`dq.message.Message.build`, `dq.wire`).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Self, TypeAlias, TypeVar
@@ -202,6 +203,34 @@ class Entry:
         return (self.seq, self.queue_name, self.message_id, self.eta_ms, self.payload)
 
 
+class Run(enum.Enum):
+    """Whether the message of a reserved entry has started running, and how.
+
+    The delivery cap needs it: a consumer that dies while running one message alone
+    is that message's fault; one that dies while running several is nobody's in
+    particular (see `dq.core.policy.deliveries_after_death`).
+    """
+
+    WAITING = "waiting"  # reserved, not reported as started
+    ALONE = "alone"  # started while nothing else ran in its process
+    SHARED = "shared"  # started beside other messages
+
+    __hash__ = object.__hash__
+
+
+class DeathReason(enum.Enum):
+    """Why an entry was dead-lettered (kept with the dead letter, and logged)."""
+
+    NACKED = "nacked"  # a consumer settled it as failed (its actor gave up)
+    MAX_DELIVERIES = "max_deliveries"  # its consumers died running it too often
+    BAD_ETA = "bad_eta"  # its eta is not a finite number of ms in range
+    UNDECODABLE = "undecodable"  # its payload is not a message
+    BAD_OPTIONS = "bad_options"  # an option's value is not what dq accepts
+    UNSTORABLE = "unstorable"  # what had to replace it (a retry) could not be stored
+
+    __hash__ = object.__hash__
+
+
 @attrs.frozen
 class Reservation:
     """An entry handed to a consumer and not yet settled.
@@ -209,18 +238,24 @@ class Reservation:
     Attributes:
         entry: the stored copy (its ``queue_name`` is where it was taken from).
         consumer: the id of the consumer holding it.
+        lease_until_ms: when the reservation lapses unless renewed (None: never;
+            it ends with its consumer).
+        run: whether its message started running, and how.
     """
 
     entry: Entry
     consumer: str
+    lease_until_ms: int | None = None
+    run: Run = Run.WAITING
 
 
 @attrs.frozen
 class DeadLetter:
-    """A dead-lettered entry and when it died (ms)."""
+    """A dead-lettered entry, when it died (ms) and why."""
 
     entry: Entry
     dead_at_ms: int
+    reason: DeathReason = DeathReason.NACKED
 
 
 @attrs.frozen
@@ -255,11 +290,16 @@ class BrokerState:
         queues: per canonical queue name.
         reserved: unsettled reservations, by entry ``seq``.
         next_seq: the ``seq`` the next stored entry gets.
+        deliveries: for stored entries whose consumer died holding them, how many
+            deliveries ended that way, as `dq.core.policy.deliveries_after_death`
+            counts them (absent: none). Requeues keep the count; a settle or a
+            replacement drops it.
     """
 
     queues: HashTrieMap[str, QueueState] = attrs.field(factory=HashTrieMap)
     reserved: HashTrieMap[int, Reservation] = attrs.field(factory=HashTrieMap)
     next_seq: int = 1
+    deliveries: HashTrieMap[int, int] = attrs.field(factory=HashTrieMap)
 
 
 def initial_state() -> BrokerState:

@@ -1279,7 +1279,7 @@ class _RedisConsumer(BufferedConsumer[str]):
         finally:
             self._forget(rids)
 
-    def started(self, message: MessageProxy) -> None:
+    def started(self, message: MessageProxy, *, alone: bool = False) -> None:
         """Record that a worker is about to run ``message``, if it is a suspect (it
         was recovered from a dead worker before): if this process dies while running
         it, recovery counts one more delivery towards ``max_deliveries``. Messages
