@@ -84,10 +84,13 @@ def test_the_poison_message_is_dead_lettered_and_the_bystander_is_not() -> None:
     # 1 kills its consumer each time it runs; 2 is innocent and ran beside it once.
     state = run(Start(1, alone=False), Start(2, alone=False), state=held(2)).state
     state = apply(state, Recover("c", 0, max_deliveries=3)).state
-    for _ in range(2):  # both are suspects now: each runs alone; only 1 kills
-        state = run(Reserve("a", "c", 2), Start(1, alone=True), state=state).state
-        step = apply(state, Recover("c", now_ms=99, max_deliveries=3))
-        state = step.state
+    # Both are suspects now, so each runs alone; only 1 kills its consumer.
+    state = run(Reserve("a", "c", 2), Start(1, alone=True), state=state).state
+    state = apply(state, Recover("c", now_ms=99, max_deliveries=3)).state
+    assert deliveries_of(state, 1) == 2 and dead_letters(state, "a") == ()
+    state = run(Reserve("a", "c", 2), Start(1, alone=True), state=state).state
+    step = apply(state, Recover("c", now_ms=99, max_deliveries=3))
+    state = step.state
     (dead,) = dead_letters(state, "a")
     assert dead.entry.seq == 1 and dead.reason is DeathReason.MAX_DELIVERIES
     assert dead.dead_at_ms == 99
