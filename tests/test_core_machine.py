@@ -313,7 +313,7 @@ def reachable_states(draw: st.DrawFn) -> BrokerState:
             m = message(name, n)
             if draw(st.booleans()):
                 m = policy.delayed(m, delay_ms=draw(st.integers(0, 100)), now_ms=0)
-            command = Enqueue(m, b"%d" % n)
+            command = Enqueue(m, b"%d" % n, draw(st.sampled_from([0, 0, 1, -2])))
         elif kind == 3:
             target = name + (".DQ" if draw(st.booleans()) else "")
             command = Reserve(target, draw(st.sampled_from(["c1", "c2"])), draw(st.integers(1, 3)))

@@ -356,3 +356,41 @@ def test_enqueue_of_a_delayed_copy_with_a_bad_eta_is_refused() -> None:
     state = run(DeclareQueue("a")).state
     with pytest.raises(InvalidValue):
         apply(state, Enqueue(message("a.DQ", 1, eta=math.inf), b""))
+
+
+# -- priority order --------------------------------------------------------------------------
+
+
+def test_reserve_takes_lower_priorities_first_and_requeues_keep_them() -> None:
+    state = run(
+        DeclareQueue("a"),
+        Enqueue(message("a", 1), b"1", priority=5),
+        Enqueue(message("a", 2), b"2"),
+        Enqueue(message("a", 3), b"3", priority=-1),
+        Enqueue(message("a", 4), b"4", priority=5),
+    ).state
+    assert [e.seq for e in waiting(state, "a")] == [3, 2, 1, 4]
+    step = apply(state, Reserve("a", "c", 2))
+    assert [e.seq for e in step.effects[0].entries] == [3, 2]  # type: ignore[union-attr]  # Deliver
+    state = run(Requeue(3), state=step.state).state  # back with its priority: first again
+    assert [e.seq for e in waiting(state, "a")] == [3, 1, 4]
+    state = run(Reserve("a", "c", 3), Recover("c", 0, 10), state=state).state
+    assert [e.seq for e in waiting(state, "a")] == [3, 2, 1, 4]  # by priority again
+    assert pending(state, "a") == 4
+
+
+def test_a_delayed_message_gets_its_priority_when_promoted_or_replaced() -> None:
+    delayed = policy.delayed(message("a", 1), delay_ms=10, now_ms=0)
+    state = run(
+        DeclareQueue("a"),
+        Enqueue(message("a", 2), b"2"),
+        Enqueue(delayed, b"d", priority=9),  # ignored on the delay queue
+        Reserve("a.DQ", "c", 1),
+    ).state
+    promoted = policy.promoted(delayed)
+    state = apply(state, core.Promote(2, promoted, b"p", priority=-3)).state
+    assert [e.payload for e in waiting(state, "a")] == [b"p", b"2"]
+    state = run(Reserve("a", "c", 1), state=state).state
+    (seq,) = [r.entry.seq for r in held_by(state, "c")]
+    state = apply(state, Replace(seq, message("a", 1), b"r", priority=4)).state
+    assert [e.payload for e in waiting(state, "a")] == [b"2", b"r"]

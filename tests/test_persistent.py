@@ -164,3 +164,55 @@ def test_large_queue_and_pickle() -> None:
     assert len(q) == 99_999
     small = PQueue([1, 2]).push(3)
     assert pickle.loads(pickle.dumps(small)) == small
+
+
+# -- priority bands ----------------------------------------------------------------------
+
+
+@settings(max_examples=300)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["push", "push", "take"]), st.sampled_from([-2, 0, 0, 1, 5]))
+        | st.tuples(st.just("pop"), st.just(0)),
+        max_size=60,
+    )
+)
+def test_priorities_against_a_sorted_model(ops: list[tuple[str, int]]) -> None:
+    # The model: (priority, push order, item); lower priority first, FIFO within one.
+    q: PQueue[int] = empty_queue()
+    model: list[tuple[int, int, int]] = []
+    versions: list[tuple[PQueue[int], list[int]]] = []
+    for n, (op, arg) in enumerate(ops):
+        if op == "push":
+            q = q.push(n, arg)
+            model.append((arg, n, n))
+        elif op == "take":
+            k = abs(arg)
+            items, q = q.take(k)
+            model.sort()
+            assert items == [item for _, _, item in model[:k]]
+            del model[:k]
+        elif model:
+            item, q = q.pop()
+            model.sort()
+            assert item == model.pop(0)[2]
+        model.sort()
+        assert list(q) == [item for _, _, item in model]
+        assert [rank for rank, _ in q.ranked()] == [rank for rank, _, _ in model]
+        assert len(q) == len(model) and bool(q) is bool(model)
+        versions.append((q, list(q)))
+    for version, contents in versions:  # every older version is unchanged
+        assert list(version) == contents
+
+
+def test_take_ranked_reports_each_items_priority() -> None:
+    q: PQueue[str] = empty_queue()
+    for item, rank in (("a", 0), ("b", 3), ("c", -1), ("d", 0), ("e", 3)):
+        q = q.push(item, rank)
+    taken, rest = q.take_ranked(3)
+    assert taken == [(-1, "c"), (0, "a"), (0, "d")]
+    assert list(rest.ranked()) == [(3, "b"), (3, "e")]
+    empty: PQueue[str] = empty_queue()
+    assert rest == empty.push("b", 3).push("e", 3)
+    assert rest != PQueue(["b", "e"])  # same items, other priorities
+    assert pickle.loads(pickle.dumps(q)) == q

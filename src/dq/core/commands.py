@@ -31,10 +31,14 @@ class Enqueue:
     Attributes:
         message: the message as it must be stored.
         payload: its encoded bytes.
+        priority: lower is reserved first (0 by default; the SQLite broker uses the
+            actor's ``priority``). Ignored on a delay queue: a delayed message gets
+            its priority when it is promoted.
     """
 
     message: Message[object]
     payload: bytes
+    priority: int = 0
 
 
 @attrs.frozen
@@ -113,11 +117,13 @@ class Promote:
         seq: the held entry.
         message: the promoted message (canonical queue, no ``eta``, same id).
         payload: its encoded bytes.
+        priority: its priority on the canonical queue.
     """
 
     seq: int
     message: Message[object]
     payload: bytes
+    priority: int = 0
 
 
 @attrs.frozen
@@ -134,11 +140,13 @@ class Replace:
         seq: the reserved entry.
         message: the replacement, as it must be stored.
         payload: its encoded bytes.
+        priority: its priority, when it goes to the canonical queue.
     """
 
     seq: int
     message: Message[object]
     payload: bytes
+    priority: int = 0
 
 
 @attrs.frozen

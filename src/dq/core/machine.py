@@ -243,7 +243,11 @@ def _enqueue(state: BrokerState, command: c.Enqueue) -> Step:
         queue = state.queues[queue_name]
         row = (seq, queue_name, message.message_id, None, command.payload)
         queue = QueueState(
-            queue_name, queue.ready.push(row), queue.delayed, queue.in_flight, queue.dead
+            queue_name,
+            queue.ready.push(row, command.priority),
+            queue.delayed,
+            queue.in_flight,
+            queue.dead,
         )
         effect = fx.PushReady(row)
     return Step(
@@ -262,12 +266,24 @@ def _reserve(state: BrokerState, command: c.Reserve) -> Step:
     waiting = queue.delayed if from_delay else queue.ready
     if not waiting or command.limit <= 0:
         return Step(state)
-    rows, waiting = waiting.take(command.limit)
-    entries = tuple([Entry(*row) for row in rows])  # Entry.from_row, inlined
     consumer, lease = command.consumer, command.lease_until_ms
-    reserved = state.reserved.update(
-        {entry.seq: Reservation(entry, consumer, lease) for entry in entries}
-    )
+    # Rows of several priorities wait (a private attribute of the core's own queue,
+    # read directly on the hot path): each reservation keeps its row's priority.
+    if waiting._bands:
+        ranked, waiting = waiting.take_ranked(command.limit)
+        entries = tuple([Entry(*row) for _, row in ranked])
+        reserved = state.reserved.update(
+            {
+                entry.seq: Reservation(entry, consumer, lease, Run.WAITING, rank)
+                for entry, (rank, _) in zip(entries, ranked, strict=True)
+            }
+        )
+    else:
+        rows, waiting = waiting.take(command.limit)
+        entries = tuple([Entry(*row) for row in rows])  # Entry.from_row, inlined
+        reserved = state.reserved.update(
+            {entry.seq: Reservation(entry, consumer, lease) for entry in entries}
+        )
     in_flight = queue.in_flight + len(entries)
     if from_delay:
         queue = QueueState(name, queue.ready, waiting, in_flight, queue.dead)
@@ -365,8 +381,11 @@ def _nack(state: BrokerState, command: c.Nack) -> Step:
     )
 
 
-def _pushed_back(queue: QueueState, entry: Entry) -> tuple[QueueState, fx.Effect]:
-    """Return ``queue`` with a settled-unprocessed entry at the tail of its list."""
+def _pushed_back(
+    queue: QueueState, entry: Entry, priority: int = 0
+) -> tuple[QueueState, fx.Effect]:
+    """Return ``queue`` with a settled-unprocessed entry at the tail of its list (of
+    its priority's entries)."""
     row = entry.row
     if entry.queue_name.endswith(DELAY_SUFFIX):
         return (
@@ -376,14 +395,16 @@ def _pushed_back(queue: QueueState, entry: Entry) -> tuple[QueueState, fx.Effect
             fx.PushDelayed(row),
         )
     return (
-        QueueState(queue.name, queue.ready.push(row), queue.delayed, queue.in_flight, queue.dead),
+        QueueState(
+            queue.name, queue.ready.push(row, priority), queue.delayed, queue.in_flight, queue.dead
+        ),
         fx.PushReady(row),
     )
 
 
 def _requeue(state: BrokerState, command: c.Requeue) -> Step:
     entry, queue = _settle(state, command.seq)
-    queue, effect = _pushed_back(queue, entry)
+    queue, effect = _pushed_back(queue, entry, state.reserved[command.seq].priority)
     return Step(
         BrokerState(
             state.queues.insert(queue.name, queue),
@@ -412,7 +433,11 @@ def _promote(state: BrokerState, command: c.Promote) -> Step:
         )
     new = Entry(state.next_seq, queue.name, message.message_id, None, command.payload)
     queue = QueueState(
-        queue.name, queue.ready.push(new.row), queue.delayed, queue.in_flight, queue.dead
+        queue.name,
+        queue.ready.push(new.row, command.priority),
+        queue.delayed,
+        queue.in_flight,
+        queue.dead,
     )
     return Step(
         BrokerState(
@@ -450,7 +475,11 @@ def _replace(state: BrokerState, command: c.Replace) -> Step:
     else:
         row = (seq, target, message.message_id, None, command.payload)
         queue = QueueState(
-            queue.name, queue.ready.push(row), queue.delayed, queue.in_flight, queue.dead
+            queue.name,
+            queue.ready.push(row, command.priority),
+            queue.delayed,
+            queue.in_flight,
+            queue.dead,
         )
         effect = fx.PushReady(row)
     return Step(
@@ -550,7 +579,7 @@ def _release(state: BrokerState, command: c.Release) -> Step:
         name = q_name(entry.queue_name)
         queue = queues[name]
         queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
-        queue, effect = _pushed_back(queue, entry)
+        queue, effect = _pushed_back(queue, entry, reservation.priority)
         queues = queues.insert(name, queue)
         reserved = reserved.remove(entry.seq)
         effects.append(effect)
@@ -598,7 +627,7 @@ def _recovered(
                 effects.append(fx.DeadLetter(entry, xq_name(name), now_ms, reason))
                 events.append(ev.DeadLettered(entry, count, reason))
             else:
-                queue, effect = _pushed_back(queue, entry)
+                queue, effect = _pushed_back(queue, entry, reservation.priority)
                 deliveries = deliveries.insert(seq, count)
                 # The count is recorded first: the entry is never back without it.
                 effects.append(fx.CountDeliveries(entry, count))

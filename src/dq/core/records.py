@@ -241,12 +241,14 @@ class Reservation:
         lease_until_ms: when the reservation lapses unless renewed (None: never;
             it ends with its consumer).
         run: whether its message started running, and how.
+        priority: the priority it waited with (it goes back with it).
     """
 
     entry: Entry
     consumer: str
     lease_until_ms: int | None = None
     run: Run = Run.WAITING
+    priority: int = 0
 
 
 @attrs.frozen
@@ -264,7 +266,8 @@ class QueueState:
 
     Attributes:
         name: the canonical queue name.
-        ready: rows waiting on the queue, oldest first.
+        ready: rows waiting on the queue, by priority (lower first), then oldest
+            first.
         delayed: rows waiting on the delay queue (``name.DQ``), oldest first.
         in_flight: how many entries of either are reserved right now.
         dead: dead letters, oldest first.
