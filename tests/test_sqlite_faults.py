@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from dq.broker import MessageProxy
-from dq.brokers import sqlite as sqlite_module
 from dq.brokers._sqlite_consumer import SqliteConsumer
 from dq.brokers.sqlite import (
     COMMANDS,
@@ -462,4 +461,6 @@ def test_max_deliveries_is_checked_by_the_core(path: str) -> None:
     for bad in (1, -1, "3", 2.5, True):
         with pytest.raises(ValueError, match="max_deliveries"):
             SqliteBroker(path, middleware=[], max_deliveries=bad)  # type: ignore[arg-type]  # the test's point
-    assert sqlite_module.policy.DEFAULT_MAX_DELIVERIES == 10
+    broker = SqliteBroker(path, middleware=[])
+    assert broker.max_deliveries == policy.DEFAULT_MAX_DELIVERIES == 10
+    broker.close()
