@@ -544,6 +544,12 @@ class SqliteBroker(Broker):
             How many rows came back to their queue.
         """
         now = _wall_ms() if now_ms is None else now_ms
+        # A read first: no write lock on every keeper tick (the transaction decides).
+        if not self._read(
+            "SELECT 1 FROM dq_messages WHERE consumer IS NOT NULL AND lease_until < ? LIMIT 1",
+            (now,),
+        ):
+            return 0
         return self._recovered(
             self._write(lambda conn: self._expire_leases(conn, now)),
             "Returned %d messages whose consumer's lease expired to their queues.",
@@ -599,6 +605,8 @@ class SqliteBroker(Broker):
         """Drop dead letters older than ``dead_message_ttl``; return how many."""
         now = _now() if now_ms is None else now_ms
         cutoff = now - self.dead_message_ttl
+        if not self._read("SELECT 1 FROM dq_dead WHERE dead_at <= ? LIMIT 1", (cutoff,)):
+            return 0  # no write lock on every keeper tick
         return self._write(lambda conn: self._expire_dead_letters(conn, cutoff))
 
     @staticmethod
