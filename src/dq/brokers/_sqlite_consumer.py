@@ -300,6 +300,7 @@ class SqliteConsumer(BufferedConsumer[int]):
         with self._lock:
             self._held.pop(reject[0], None)
             self._rejects.append(reject)
+        self._suspects.discard(reject[0])
         self._reject()
 
     def nack(self, message: MessageProxy) -> None:
