@@ -327,3 +327,27 @@ def test_the_dq_command_dead_letters_a_message_that_kills_its_worker_process(
     assert sorted(runs) == list(range(20))  # no bystander was dead-lettered
     assert policy.DEFAULT_MAX_DELIVERIES == 10
     producer.close()
+
+
+def test_recovery_reads_a_garbage_count_or_run_mark_leniently(
+    path: str, brokers: list[SqliteBroker]
+) -> None:
+    import sqlite3
+
+    broker = _broker(path, brokers, max_deliveries=2)
+    conn = sqlite3.connect(path)
+    for name, deliveries, run in (("x", "lots", "sideways"), ("y", 1, "alone")):
+        message = _message(name)
+        conn.execute(
+            "INSERT INTO dq_messages (queue, message_id, payload, consumer, lease_until, "
+            "deliveries, run) VALUES ('q', ?, ?, 'gone', 1, ?, ?)",
+            (message.message_id, message.encode(), deliveries, run),
+        )
+    conn.commit()
+    conn.close()
+    # A count that is no number counts as none; "y" ran alone once more: over the cap.
+    assert broker.expire_leases() == 1
+    assert _deliveries(path) == {"x": 1}
+    assert [reason for _, reason in broker.dead_letter_reasons_of("q")] == [
+        DeathReason.MAX_DELIVERIES
+    ]
