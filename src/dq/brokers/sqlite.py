@@ -1,7 +1,9 @@
 """`SqliteBroker`: an embedded, persistent broker in one SQLite file (standard library).
 
 One file, shared safely by several producer and worker processes on one machine (the
-database runs in WAL mode). The schema:
+database runs in WAL mode). The schema (version 2: ``PRAGMA user_version``; a
+version-1 file is migrated in place when a broker opens it, see
+``dq.brokers._sqlite_schema``):
 
 ===================  ===========================================================
 table                contents
@@ -11,39 +13,71 @@ table                contents
                      (``q`` or ``q.DQ``), ``message_id``, ``priority`` (the
                      locally declared actor's, else 0), ``eta`` (ms, delayed
                      copies), ``payload`` (the Dramatiq JSON envelope),
-                     ``consumer`` (NULL while waiting) and ``lease_until`` (ms)
+                     ``consumer`` (NULL while waiting), ``lease_until`` (ms),
+                     ``deliveries`` (deliveries cut short by a consumer's death)
+                     and ``run`` (how a suspect started: ``alone``/``shared``)
 ``dq_dead``          dead letters: ``queue`` (canonical), ``message_id``,
-                     ``payload``, ``dead_at`` (ms); dropped after
+                     ``payload``, ``dead_at`` (ms), ``reason`` (a
+                     `dq.core.DeathReason` value); dropped after
                      ``dead_message_ttl``
 ===================  ===========================================================
 
-The core decides every transition (naming, delays, promotion, dead-lettering) and is
-the oracle `dq.testing.BrokerConformance` checks this interpreter against; each
-transition is one ``BEGIN IMMEDIATE`` transaction, so it is atomic across processes:
+**The core decides, the SQL moves.** Every decision is `dq.core`'s: queue names
+(`policy.check_queue_name`), delays and etas (`policy.eta_ms`, `policy.eta_problem`),
+promotion, which lease lapsed (`policy.lease_expired`), delivery counts
+(`policy.deliveries_after_death`) and the cap (`policy.over_delivery_cap`). `COMMANDS`
+maps every core command to the one ``BEGIN IMMEDIATE`` transaction that carries it
+out, a method named after it (``_enqueue``, ``_reserve``, ``_ack``, ``_nack``,
+``_requeue``, ``_release``, ``_promote``, ``_replace``, ``_start``, ``_recover``,
+``_renew``, ``_expire_leases``, ``_expire_dead_letters``, ``_flush``, ``_flush_all``),
+so each is atomic across processes and its statements only move rows:
 
 * enqueue / `SqliteBroker.enqueue_many`: INSERT (many in one transaction);
 * fetch (`Reserve`): the free prefetch window of the consumer's queue, by priority
   then FIFO, marked with the consumer's id and a lease, in one ``UPDATE … RETURNING``;
+  a row a raw write left undeliverable (a TEXT payload, a priority that is no number,
+  an eta the core refuses) is dead-lettered with its reason (``undecodable``,
+  ``bad_eta``) and logged with its seq and message id, and never holds its
+  batch-mates back;
 * ack: DELETE (acks of concurrent worker threads are sent together);
-* nack: INSERT into ``dq_dead`` and DELETE;
-* requeue / close (`Requeue`, `Release`): a copy at the tail (a new ``seq``) and the
-  old row deleted;
-* promote and replace (a retry): the old row deleted and the new one inserted; if the
-  consumer no longer holds the old one (its lease expired and it was recovered),
-  nothing is stored, so nothing is duplicated;
+* nack: INSERT into ``dq_dead`` with the `dq.broker.MessageProxy.death_reason`, and
+  DELETE;
+* requeue / close (`Requeue`, `Release`): a copy at the tail (a new ``seq``, the same
+  delivery count) and the old row deleted;
+* promote and replace (a retry): the new row inserted, then the old one deleted,
+  only if the consumer still holds it (if its lease expired and it was recovered,
+  nothing is stored, so nothing is duplicated);
 * flush: DELETE of the waiting rows and the dead letters.
 
-A write that finds the database locked is retried (SQLite's ``busy_timeout``, then
-with backoff) for at most ``busy_timeout`` ms in all, then raises `DatabaseBusy` (a
-`dq.errors.BrokerConnectionError`): nothing is half-done, nothing is lost.
+**The delivery cap** (``max_deliveries``, default 10). When a consumer's rows are
+recovered (`Recover`, `ExpireLeases`), the transaction SELECTs them, lets
+`dq.core.apply` decide each one's fate on a small core state describing only those
+rows, and moves exactly those rows (``dq.brokers._sqlite_recovery``): the first death
+counts for every row the consumer held, which makes them *suspects*; after that only
+a death while the row ran alone counts, so a bystander is never blamed. A reserved
+row's count comes back with it (`SqliteConsumer.suspect`: dq's worker runs suspects
+alone), and `SqliteConsumer.started` records how a suspect started (one UPDATE; an
+ordinary message costs nothing). At ``max_deliveries`` the row is dead-lettered with
+the reason ``max_deliveries``, logged with its message id.
+
+**Errors.** A write that finds the database locked is retried (SQLite's
+``busy_timeout``, then with backoff) for at most ``busy_timeout`` ms in all, then
+raises `DatabaseBusy` (a `dq.errors.BrokerConnectionError`); a full disk or database
+(SQLITE_FULL) raises `DatabaseFull`, any other SQLite failure `DatabaseUnavailable`.
+Nothing is half-done, nothing is lost. A bad queue name raises ``ValueError`` (a
+``.XQ`` name: `dq.errors.QueueNotFound`); a delay whose eta would pass
+`dq.core.policy.MAX_ETA_MS` raises ``ValueError`` naming it.
 
 **Recovery is bounded.** Each broker that consumes runs a keeper thread that, every
 ``sweep_interval`` ms (default ``lease / 3``), renews the leases of its live
-consumers' rows, returns to the tail of their queue the rows whose lease expired
-(their consumer's process died, or its keeper stopped), and drops dead letters
-older than ``dead_message_ttl``. A dead consumer's messages are back in their queue
-at most ``lease + sweep_interval`` ms after its last renewal, as long as one broker
-on the file consumes (a fresh one sweeps at once when it starts).
+consumers' rows, recovers the rows whose lease expired (their consumer's process
+died, or its keeper stopped), and drops dead letters older than
+``dead_message_ttl``. A dead consumer's messages are back in their queue at most
+``lease + sweep_interval`` ms after its last renewal, as long as one broker on the
+file consumes (a fresh one sweeps at once when it starts). A lease is computed once
+the transaction holds the write lock (a wait for a locked file never eats into it),
+and expiry compares leases with the time the keeper asked, before it waited: a lease
+that lapsed only because the file stayed locked is not held against its holder.
 
 **Waiting.** There are no notifications between processes: an idle consumer polls
 (a cheap read, then a write transaction only when something waits) every
@@ -53,7 +87,6 @@ on the file consumes (a fresh one sweeps at once when it starts).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import sqlite3
 import threading
@@ -61,16 +94,42 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
 
 from dq import message as _message
 from dq import runtime
-from dq.broker import Broker, Consumer, MessageProxy
-from dq.brokers._buffered import BufferedConsumer
+from dq.broker import Broker, Consumer
+from dq.brokers import _sqlite_recovery as recovery
 from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
-from dq.core import DeclareQueue, apply, initial_state, policy
+from dq.brokers._sqlite_consumer import SqliteConsumer
+from dq.brokers._sqlite_schema import SCHEMA_VERSION, create_or_migrate
+from dq.brokers.steps import Cannot, CommandTable, ServerStep
+from dq.core import (
+    Ack,
+    AckMany,
+    DeathReason,
+    DeclareQueue,
+    Enqueue,
+    ExpireDeadLetters,
+    ExpireLeases,
+    Flush,
+    FlushAll,
+    InvalidTransition,
+    Nack,
+    Promote,
+    Recover,
+    Release,
+    Renew,
+    Replace,
+    Requeue,
+    Reserve,
+    Start,
+    Status,
+    apply,
+    initial_state,
+    policy,
+)
 from dq.core import events as ev
-from dq.core.errors import InvalidValue
 from dq.errors import (
     ConnectionClosed,
     ConnectionFailed,
@@ -82,17 +141,26 @@ from dq.middleware import Middleware
 from dq.wire import encode_message
 
 __all__ = [
+    "COMMANDS",
     "DEFAULT_BUSY_TIMEOUT",
     "DEFAULT_DEAD_MESSAGE_TTL",
     "DEFAULT_LEASE",
     "DEFAULT_POLL_INTERVAL",
+    "SCHEMA_VERSION",
     "DatabaseBusy",
+    "DatabaseFull",
     "DatabaseUnavailable",
     "SqliteBroker",
 ]
 
 M = TypeVar("M", bound=Message[Any])
 T = TypeVar("T")
+
+#: A row to INSERT: queue, message_id, priority, eta, payload.
+_Row: TypeAlias = tuple[str, str, int, int | None, bytes]
+#: A reserved row as RETURNING gives it: priority, seq, payload, deliveries, eta,
+#: message_id (any SQLite value: a raw write may have left any type in a column).
+_Reserved: TypeAlias = tuple[Any, int, Any, Any, Any, Any]
 
 #: How long a reservation lasts without renewal (ms).
 DEFAULT_LEASE: Final = 30_000
@@ -103,48 +171,53 @@ DEFAULT_POLL_INTERVAL: Final = 100
 #: How long a transition waits for a locked database in all (ms).
 DEFAULT_BUSY_TIMEOUT: Final = 30_000
 
-SCHEMA_VERSION: Final = 1
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS dq_messages (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        queue TEXT NOT NULL,
-        message_id TEXT NOT NULL,
-        priority INTEGER NOT NULL DEFAULT 0,
-        eta INTEGER,
-        payload BLOB NOT NULL,
-        consumer TEXT,
-        lease_until INTEGER
-    )""",
-    """CREATE INDEX IF NOT EXISTS dq_messages_waiting
-        ON dq_messages (queue, priority, seq) WHERE consumer IS NULL""",
-    "CREATE INDEX IF NOT EXISTS dq_messages_queue ON dq_messages (queue)",
-    """CREATE INDEX IF NOT EXISTS dq_messages_consumer
-        ON dq_messages (consumer) WHERE consumer IS NOT NULL""",
-    """CREATE INDEX IF NOT EXISTS dq_messages_lease
-        ON dq_messages (lease_until) WHERE consumer IS NOT NULL""",
-    """CREATE TABLE IF NOT EXISTS dq_dead (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        queue TEXT NOT NULL,
-        message_id TEXT NOT NULL,
-        payload BLOB NOT NULL,
-        dead_at INTEGER NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS dq_dead_queue ON dq_dead (queue, seq)",
-    "CREATE INDEX IF NOT EXISTS dq_dead_at ON dq_dead (dead_at)",
-)
-
-_COPY_TO_TAIL: Final = """INSERT INTO dq_messages (queue, message_id, priority, eta, payload)
-    SELECT queue, message_id, priority, eta, payload FROM dq_messages
-    WHERE seq = ? AND consumer = ?"""
-_DELETE_HELD: Final = "DELETE FROM dq_messages WHERE seq = ? AND consumer = ?"
 _INSERT: Final = """INSERT INTO dq_messages (queue, message_id, priority, eta, payload)
     VALUES (?, ?, ?, ?, ?)"""
 _RENEW_CHUNK: Final = 500  # consumer ids per renewal statement (SQLite's variable limit)
+#: How many valid queue names a broker remembers as checked (the hot path skips the check).
+_CHECKED_NAMES: Final = 4096
+
+_STEP: Final = "one BEGIN IMMEDIATE transaction"
+
+#: How SqliteBroker carries out each core command: the method that runs its one
+#: ``BEGIN IMMEDIATE`` transaction (on `SqliteBroker`, or on its consumer for the
+#: commands that settle or mark one reserved row), or why there is none.
+COMMANDS: CommandTable = {
+    DeclareQueue: Cannot(
+        "queues exist in the file by their rows: declare_queue writes nothing, it "
+        "applies the core's DeclareQueue in this process (names, hooks)"
+    ),
+    Enqueue: ServerStep("_enqueue", _STEP + " (enqueue_many: one for the whole batch)"),
+    Reserve: ServerStep("_reserve", _STEP + " (one UPDATE ... RETURNING)"),
+    Ack: ServerStep("_ack", _STEP + " (acks of concurrent threads are grouped)"),
+    AckMany: ServerStep("_ack", _STEP),
+    Nack: ServerStep("_nack", _STEP + " (INSERT into dq_dead with the reason, DELETE)"),
+    Requeue: ServerStep("_requeue", _STEP + " (a copy at the tail, then DELETE)"),
+    Promote: ServerStep("_promote", _STEP + " (INSERT of the ready copy, DELETE of the held)"),
+    Replace: ServerStep("_replace", _STEP + " (INSERT of the retry, DELETE of the original)"),
+    Start: ServerStep("_start", _STEP + " (only for suspects: rows with a delivery count)"),
+    Recover: ServerStep("_recover", _STEP + " (SELECT, the core decides, then the moves)"),
+    Renew: ServerStep("_renew", _STEP + " (every live consumer of this broker at once)"),
+    ExpireLeases: ServerStep(
+        "_expire_leases", _STEP + " (SELECT the lapsed rows, the core decides, then the moves)"
+    ),
+    ExpireDeadLetters: ServerStep(
+        "_expire_dead_letters", _STEP + " (every queue's at once: one TTL per file)"
+    ),
+    Flush: ServerStep("_flush", _STEP),
+    FlushAll: ServerStep("_flush_all", _STEP),
+    Release: ServerStep("_release", _STEP + " (what a closing consumer holds, to the tail)"),
+}
 
 
 class DatabaseUnavailable(ConnectionFailed):
     """The SQLite database could not be opened or used (a bad path, a file that is
     not a database, an I/O error)."""
+
+
+class DatabaseFull(DatabaseUnavailable):
+    """The SQLite database could not grow: the disk is full, or the database reached
+    its size limit (``max_page_count``). Nothing was changed."""
 
 
 class DatabaseBusy(ConnectionClosed):
@@ -158,12 +231,28 @@ def _wall_ms() -> int:
 
 
 def _now() -> int:
+    """The runtime clock's ms (dead letters' times, dead-letter expiry)."""
     return runtime.get_clock().now_ms()
 
 
 def _is_busy(error: sqlite3.Error) -> bool:
     text = str(error).lower()
     return "locked" in text or "busy" in text
+
+
+def _is_full(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite's SQLITE_FULL ("database or disk is full")."""
+    return (
+        isinstance(error, sqlite3.Error)
+        and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    ) or "database or disk is full" in str(error)
+
+
+def _full(path: str, error: BaseException) -> DatabaseFull:
+    return DatabaseFull(
+        f"SQLite database {path!r} is full: the disk has no space left, or the database "
+        f"reached its maximum size (max_page_count); nothing was changed ({error})"
+    )
 
 
 class _Keeper(threading.Thread):
@@ -181,9 +270,7 @@ class _Keeper(threading.Thread):
             if broker is None:
                 return
             try:
-                broker.renew_leases()
-                broker.recover()
-                broker.expire_dead_letters()
+                broker._keeper_tick()
             except Exception:
                 broker.logger.warning("SQLite keeper tick failed; retrying.", exc_info=True)
             del broker
@@ -205,6 +292,11 @@ class SqliteBroker(Broker):
             letter expiry); default ``lease // 3``.
         busy_timeout: ms a transition waits, in all, for a database locked by other
             connections before it raises `DatabaseBusy`.
+        max_deliveries: the delivery cap: a message whose consumers died running it
+            this many times (as `dq.core.policy.deliveries_after_death` counts them:
+            a bystander is never charged) is dead-lettered with the reason
+            ``max_deliveries`` instead of being delivered again; 0: no cap, else at
+            least 2 (default `dq.core.policy.DEFAULT_MAX_DELIVERIES`).
 
     Raises:
         DatabaseUnavailable: the file cannot be opened or written, or is not a dq
@@ -222,6 +314,7 @@ class SqliteBroker(Broker):
         poll_interval: int = DEFAULT_POLL_INTERVAL,
         sweep_interval: int | None = None,
         busy_timeout: int = DEFAULT_BUSY_TIMEOUT,
+        max_deliveries: int = policy.DEFAULT_MAX_DELIVERIES,
     ) -> None:
         for name, value, minimum in (
             ("lease", lease, 3),
@@ -231,6 +324,9 @@ class SqliteBroker(Broker):
         ):
             if not is_whole(value, minimum):
                 raise ValueError(f"{name} must be an integer >= {minimum} (ms), got {value!r}")
+        problem = policy.delivery_cap_problem(max_deliveries)
+        if problem is not None:
+            raise ValueError(problem)
         if sweep_interval is None:
             sweep_interval = lease // 3
         elif not is_whole(sweep_interval, 1):
@@ -243,14 +339,16 @@ class SqliteBroker(Broker):
         self.poll_interval = poll_interval
         self.sweep_interval = sweep_interval
         self.busy_timeout = busy_timeout
+        self.max_deliveries = max_deliveries
         self.broker_id = uuid.uuid4().hex
         self._local = threading.local()
         self._declared = initial_state()
         self._declare_lock = threading.Lock()
+        self._checked_names: set[str] = set()  # queue names check_queue_name accepted
         # Wakes this process's waiting consumers and joins; the generation counts changes.
         self._changed = threading.Condition(threading.Lock())
         self._generation = 0
-        self._consumers: weakref.WeakSet[_SqliteConsumer] = weakref.WeakSet()
+        self._consumers: weakref.WeakSet[SqliteConsumer] = weakref.WeakSet()
         self._keeper: _Keeper | None = None
         self._keeper_lock = threading.Lock()
         self._closed = False
@@ -260,6 +358,8 @@ class SqliteBroker(Broker):
     # -- the database ---------------------------------------------------------------------
 
     def _fail(self, error: BaseException) -> DatabaseUnavailable:
+        if _is_full(error):
+            return _full(self.path, error)
         return DatabaseUnavailable(f"cannot open SQLite database {self.path!r}: {error}")
 
     def _open_database(self) -> None:
@@ -280,21 +380,13 @@ class SqliteBroker(Broker):
                     time.sleep(0.01)
             if mode is None or str(mode[0]).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(
-                    f"schema version {version} is not dq's (expected {SCHEMA_VERSION})"
-                )
-
-            def create(conn: sqlite3.Connection) -> None:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-            self._write(create)
-        except (sqlite3.Error, DatabaseBusy) as e:
+            # Create the schema, or migrate an older file in place, under the write
+            # lock (another process may be doing the same).
+            self._write(create_or_migrate)
+        except (sqlite3.Error, DatabaseBusy, DatabaseUnavailable) as e:
             self._drop_connection()
-            raise self._fail(e) from e
+            cause = e.__cause__ if isinstance(e, DatabaseUnavailable) and e.__cause__ else e
+            raise self._fail(cause) from e
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections are not thread-safe)."""
@@ -326,6 +418,8 @@ class SqliteBroker(Broker):
             try:
                 return attempt(self._connection())
             except sqlite3.Error as e:
+                if _is_full(e):
+                    raise _full(self.path, e) from e
                 if not (isinstance(e, sqlite3.OperationalError) and _is_busy(e)):
                     raise DatabaseUnavailable(f"SQLite database {self.path!r} failed: {e}") from e
                 remaining = deadline - time.monotonic()
@@ -402,63 +496,122 @@ class SqliteBroker(Broker):
 
     # -- maintenance ----------------------------------------------------------------------
 
+    def _keeper_tick(self) -> None:
+        """One keeper tick: renew this broker's leases, expire lapsed ones, drop old
+        dead letters.
+
+        The time the expiry compares leases with is read before anything waits for
+        the write lock: a lease that lapsed only because the database stayed locked
+        (its holder could not renew it either) is not held against its holder.
+        """
+        asked = _wall_ms()
+        self.renew_leases()
+        self.expire_leases(asked)
+        self.expire_dead_letters()
+
     def renew_leases(self) -> int:
         """Extend the leases of every row this broker's open consumers hold (the
-        keeper does it every ``sweep_interval`` ms); return how many were renewed."""
+        keeper does it every ``sweep_interval`` ms); return how many were renewed.
+
+        This is the `Renew` step of every live consumer of this broker at once."""
         pid = os.getpid()  # not the consumers of a parent process (fork)
         ids = [c.consumer_id for c in list(self._consumers) if not c._closed and c.pid == pid]
         if not ids:
             return 0
+        return self._write(lambda conn: self._renew(conn, ids))
+
+    def _renew(self, conn: sqlite3.Connection, ids: list[str]) -> int:
+        # The new end is computed once BEGIN IMMEDIATE holds the lock: computed
+        # before, a wait for a locked database would eat into the lease it grants.
         until = _wall_ms() + self.lease
-
-        def renew(conn: sqlite3.Connection) -> int:
-            count = 0
-            for start in range(0, len(ids), _RENEW_CHUNK):
-                chunk = ids[start : start + _RENEW_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                count += conn.execute(
-                    f"UPDATE dq_messages SET lease_until = ? WHERE consumer IN ({marks})",
-                    (until, *chunk),
-                ).rowcount
-            return count
-
-        return self._write(renew)
-
-    def recover(self, now_ms: int | None = None) -> int:
-        """Return every row whose lease expired to the tail of its queue (in one
-        transaction); return how many came back."""
-        now = _wall_ms() if now_ms is None else now_ms
-
-        def recover(conn: sqlite3.Connection) -> int:
-            expired = "consumer IS NOT NULL AND lease_until < ?"
-            count = conn.execute(
-                "INSERT INTO dq_messages (queue, message_id, priority, eta, payload) "
-                f"SELECT queue, message_id, priority, eta, payload FROM dq_messages "
-                f"WHERE {expired} ORDER BY seq",
-                (now,),
+        count = 0
+        for start in range(0, len(ids), _RENEW_CHUNK):
+            chunk = ids[start : start + _RENEW_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            count += conn.execute(
+                f"UPDATE dq_messages SET lease_until = ? WHERE consumer IN ({marks})",
+                (until, *chunk),
             ).rowcount
-            if count:
-                conn.execute(f"DELETE FROM dq_messages WHERE {expired}", (now,))
-            return count
-
-        count = self._write(recover)
-        if count:
-            self.logger.warning(
-                "Returned %d messages whose consumer's lease expired to their queues.", count
-            )
-            self._notify()
         return count
+
+    def expire_leases(self, now_ms: int | None = None) -> int:
+        """Recover every row whose lease ended before ``now_ms`` (default: now), in
+        one transaction (`ExpireLeases`): each goes back to the tail of its queue
+        with its delivery count updated, or, over ``max_deliveries``, to the dead
+        letters with the reason ``max_deliveries`` (logged with its message id).
+
+        Returns:
+            How many rows came back to their queue.
+        """
+        now = _wall_ms() if now_ms is None else now_ms
+        # A read first: no write lock on every keeper tick (the transaction decides).
+        if not self._read(
+            "SELECT 1 FROM dq_messages WHERE consumer IS NOT NULL AND lease_until < ? LIMIT 1",
+            (now,),
+        ):
+            return 0
+        return self._recovered(
+            self._write(lambda conn: self._expire_leases(conn, now)),
+            "Returned %d messages whose consumer's lease expired to their queues.",
+        )
+
+    #: Dramatiq-era name of `expire_leases`.
+    recover = expire_leases
+
+    def _expire_leases(self, conn: sqlite3.Connection, now_ms: int) -> recovery.Recovery:
+        return recovery.expire_leases(conn, now_ms, self.max_deliveries)
+
+    def recover_consumer(self, consumer_id: str, now_ms: int | None = None) -> int:
+        """Declare the consumer ``consumer_id`` dead (`Recover`): every row it holds
+        goes back to its queue with its delivery count updated, or over
+        ``max_deliveries`` to the dead letters, in one transaction. Its later
+        settlements change nothing (they are logged as lost).
+
+        Returns:
+            How many rows came back to their queue.
+        """
+        now = _wall_ms() if now_ms is None else now_ms
+        return self._recovered(
+            self._write(lambda conn: self._recover(conn, consumer_id, now)),
+            "Returned %d messages of a consumer declared dead to their queues.",
+        )
+
+    def _recover(
+        self, conn: sqlite3.Connection, consumer_id: str, now_ms: int
+    ) -> recovery.Recovery:
+        return recovery.recover_consumer(conn, consumer_id, now_ms, self.max_deliveries)
+
+    def _recovered(self, done: recovery.Recovery, returned: str) -> int:
+        """Log what a recovery did and wake this process's consumers."""
+        for event in done.dead:
+            entry = event.entry
+            self.logger.error(
+                "Dead-lettered message %s of %r (row %d), reason %s: its consumer died "
+                "running it %d times (max_deliveries=%d).",
+                entry.message_id,
+                policy.q_name(entry.queue_name),
+                entry.seq,
+                event.reason.value,
+                event.deliveries,
+                self.max_deliveries,
+            )
+        if done.returned:
+            self.logger.warning(returned, done.returned)
+        if done.returned or done.dead:
+            self._notify()
+        return done.returned
 
     def expire_dead_letters(self, now_ms: int | None = None) -> int:
         """Drop dead letters older than ``dead_message_ttl``; return how many."""
         now = _now() if now_ms is None else now_ms
-        return self._write(
-            lambda conn: (
-                conn.execute(
-                    "DELETE FROM dq_dead WHERE dead_at <= ?", (now - self.dead_message_ttl,)
-                ).rowcount
-            )
-        )
+        cutoff = now - self.dead_message_ttl
+        if not self._read("SELECT 1 FROM dq_dead WHERE dead_at <= ? LIMIT 1", (cutoff,)):
+            return 0  # no write lock on every keeper tick
+        return self._write(lambda conn: self._expire_dead_letters(conn, cutoff))
+
+    @staticmethod
+    def _expire_dead_letters(conn: sqlite3.Connection, cutoff_ms: int) -> int:
+        return int(conn.execute("DELETE FROM dq_dead WHERE dead_at <= ?", (cutoff_ms,)).rowcount)
 
     # -- declarations -------------------------------------------------------------------------
 
@@ -469,15 +622,22 @@ class SqliteBroker(Broker):
         starts consumers for both). Declaring twice is a no-op.
 
         Raises:
-            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
+            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``: the
+                core has no declaration of one).
+            ValueError: no message may be stored on ``queue_name``
+                (`dq.core.policy.check_queue_name`); the message says why.
         """
+        self._check_queue(queue_name)
         with self._declare_lock:
-            if queue_name.endswith(policy.DEAD_SUFFIX):
-                raise QueueNotFound(queue_name)
             if policy.q_name(queue_name) in self._declared.queues:
                 return
             self._run_before(self._hooks.before_declare_queue, queue_name)
-            step = apply(self._declared, DeclareQueue(queue_name))
+            try:
+                step = apply(self._declared, DeclareQueue(queue_name))
+            except InvalidTransition as e:
+                if e.status is Status.DEAD_LETTER_QUEUE:
+                    raise QueueNotFound(queue_name) from None
+                raise
             self._declared = step.state
             for event in step.events:
                 if isinstance(event, ev.QueueDeclared):
@@ -487,6 +647,24 @@ class SqliteBroker(Broker):
                     self.delay_queues.add(event.queue_name)
                     self._run_after(self._hooks.after_declare_delay_queue, event.queue_name)
 
+    def _check_queue(self, queue_name: str) -> None:
+        """Check that a message may be stored on ``queue_name`` (a queue or its
+        ``.DQ``), as the core says; names found good are remembered.
+
+        Raises:
+            QueueNotFound: it names a dead-letter queue (``.XQ``).
+            ValueError: `dq.core.policy.check_queue_name` refuses it (an
+                `dq.core.InvalidValue` naming it and why).
+        """
+        if queue_name in self._checked_names:
+            return
+        name: object = queue_name  # callers may pass anything
+        if isinstance(name, str) and name.endswith(policy.DEAD_SUFFIX):
+            raise QueueNotFound(name)
+        policy.check_queue_name(queue_name, stored=True)
+        if len(self._checked_names) < _CHECKED_NAMES:
+            self._checked_names.add(queue_name)
+
     # -- enqueueing ------------------------------------------------------------------------
 
     def _priority(self, actor_name: str) -> int:
@@ -495,19 +673,26 @@ class SqliteBroker(Broker):
 
     def _prepare(
         self, message: M, delay: int | None, now_ms: int, *, hooks: bool = True
-    ) -> tuple[M, tuple[str, str, int, int | None, bytes]]:
+    ) -> tuple[M, _Row]:
         """The copy to store (on ``q.DQ`` with an eta when delayed, by the policy) and
-        its row, after the ``before_enqueue`` hooks."""
-        if message.queue_name.endswith(policy.DEAD_SUFFIX):
-            raise QueueNotFound(message.queue_name)
+        its row, after the ``before_enqueue`` hooks.
+
+        Raises:
+            QueueNotFound, ValueError: see `_check_queue`; ValueError also for a
+                delay that is negative or too long, or a delayed message whose eta
+                the core refuses (`dq.core.policy.eta_ms`, `message_eta_ms`).
+        """
+        queue_name = message.queue_name
+        if queue_name not in self._checked_names:
+            self._check_queue(queue_name)
         message = delayed_if_asked(message, delay, now_ms)
         if hooks and self._hooks.before_enqueue:
             self._run_before(self._hooks.before_enqueue, message, delay)
         payload = encode_message(message, _message.global_encoder)
-        try:
-            eta = policy.message_eta_ms(message)
-        except InvalidValue:
-            eta = None
+        # As the core's Enqueue: an entry of a delay queue has its eta (a bad one is
+        # refused), a ready one none.
+        queue_name = message.queue_name
+        eta = policy.message_eta_ms(message) if queue_name.endswith(policy.DELAY_SUFFIX) else None
         row = (
             message.queue_name,
             message.message_id,
@@ -527,13 +712,15 @@ class SqliteBroker(Broker):
             The message as stored.
 
         Raises:
-            ValueError: ``delay`` is not a whole number of ms >= 0.
+            ValueError: ``delay`` is not a whole number of ms >= 0, or so long that
+                the eta would pass `dq.core.policy.MAX_ETA_MS`; the queue name is
+                one no message may be stored on (the message says why).
             TypeError: it is not serialisable by the global encoder.
             QueueNotFound: it names a dead-letter queue.
-            DatabaseBusy, DatabaseUnavailable: nothing was stored.
+            DatabaseBusy, DatabaseUnavailable (DatabaseFull): nothing was stored.
         """
         stored, row = self._prepare(message, delay, _now())
-        self._write(lambda conn: conn.execute(_INSERT, row))
+        self._write(lambda conn: self._enqueue(conn, (row,)))
         self._notify()
         if self._hooks.after_enqueue:
             self._run_after(self._hooks.after_enqueue, stored, delay)
@@ -544,19 +731,30 @@ class SqliteBroker(Broker):
 
         Returns:
             The messages as stored, in the order given.
+
+        Raises:
+            ValueError, TypeError, QueueNotFound, DatabaseBusy, DatabaseUnavailable:
+                as `enqueue`; nothing of the batch was stored.
         """
         now = _now()
         prepared = [self._prepare(message, delay, now) for message in messages]
         if not prepared:
             return []
         rows = [row for _, row in prepared]
-        self._write(lambda conn: conn.executemany(_INSERT, rows))
+        self._write(lambda conn: self._enqueue(conn, rows))
         self._notify()
         result = [stored for stored, _ in prepared]
         if self._hooks.after_enqueue:
             for stored in result:
                 self._run_after(self._hooks.after_enqueue, stored, delay)
         return result
+
+    @staticmethod
+    def _enqueue(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+        if len(rows) == 1:
+            conn.execute(_INSERT, rows[0])
+        else:
+            conn.executemany(_INSERT, rows)
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -566,37 +764,41 @@ class SqliteBroker(Broker):
 
         Raises:
             QueueNotFound: ``queue_name`` names a dead-letter queue.
-            ValueError: ``prefetch`` < 1 or ``timeout`` < 0.
+            ValueError: ``prefetch`` < 1 or ``timeout`` < 0, or no message may be
+                stored on ``queue_name`` (the message says why).
         """
-        if queue_name.endswith(policy.DEAD_SUFFIX):
-            raise QueueNotFound(queue_name)
+        self._check_queue(queue_name)
         check_consume_arguments(prefetch, timeout)
-        consumer = _SqliteConsumer(self, queue_name, prefetch, timeout)
+        consumer = SqliteConsumer(self, queue_name, prefetch, timeout)
         self._consumers.add(consumer)
         self._start_keeper()
         return consumer
 
-    def _reserve(self, queue_name: str, consumer_id: str, limit: int) -> list[tuple[int, bytes]]:
+    def _reserve_rows(self, queue_name: str, consumer_id: str, limit: int) -> list[_Reserved]:
         """Reserve up to ``limit`` waiting rows of ``queue_name``, by priority then
-        FIFO, in one transaction (a read first: no write lock when nothing waits)."""
+        FIFO (a read first: no write lock when nothing waits)."""
         waiting = self._read(
             "SELECT 1 FROM dq_messages WHERE queue = ? AND consumer IS NULL LIMIT 1",
             (queue_name,),
         )
         if not waiting:
             return []
+        return self._write(lambda conn: self._reserve(conn, queue_name, consumer_id, limit))
+
+    def _reserve(
+        self, conn: sqlite3.Connection, queue_name: str, consumer_id: str, limit: int
+    ) -> list[_Reserved]:
+        # The lease is computed once BEGIN IMMEDIATE holds the lock: computed before,
+        # a wait for a locked database would eat into it.
         until = _wall_ms() + self.lease
-
-        def reserve(conn: sqlite3.Connection) -> list[tuple[int, int, bytes]]:
-            return conn.execute(
-                "UPDATE dq_messages SET consumer = ?, lease_until = ? WHERE seq IN ("
-                "SELECT seq FROM dq_messages WHERE queue = ? AND consumer IS NULL "
-                "ORDER BY priority, seq LIMIT ?) RETURNING priority, seq, payload",
-                (consumer_id, until, queue_name, limit),
-            ).fetchall()
-
-        rows = sorted(self._write(reserve))
-        return [(int(seq), bytes(payload)) for _, seq, payload in rows]
+        rows: list[_Reserved] = conn.execute(
+            "UPDATE dq_messages SET consumer = ?, lease_until = ? WHERE seq IN ("
+            "SELECT seq FROM dq_messages WHERE queue = ? AND consumer IS NULL "
+            "ORDER BY priority, seq LIMIT ?) "
+            "RETURNING priority, seq, payload, deliveries, eta, message_id",
+            (consumer_id, until, queue_name, limit),
+        ).fetchall()
+        return rows
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -604,27 +806,27 @@ class SqliteBroker(Broker):
         """Drop the waiting messages of ``queue_name`` and its ``.DQ``, and its dead
         letters, in one transaction. Messages reserved by consumers stay with them."""
         name = policy.q_name(queue_name)
-
-        def flush(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "DELETE FROM dq_messages WHERE queue IN (?, ?) AND consumer IS NULL",
-                (name, policy.dq_name(name)),
-            )
-            conn.execute("DELETE FROM dq_dead WHERE queue = ?", (name,))
-
-        self._write(flush)
+        self._write(lambda conn: self._flush(conn, name))
         self._notify()
+
+    @staticmethod
+    def _flush(conn: sqlite3.Connection, name: str) -> None:
+        conn.execute(
+            "DELETE FROM dq_messages WHERE queue IN (?, ?) AND consumer IS NULL",
+            (name, policy.dq_name(name)),
+        )
+        conn.execute("DELETE FROM dq_dead WHERE queue = ?", (name,))
 
     def flush_all(self) -> None:
         """Drop every waiting message and every dead letter in the file (of every
         queue, declared here or not), in one transaction."""
-
-        def flush_all(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM dq_messages WHERE consumer IS NULL")
-            conn.execute("DELETE FROM dq_dead")
-
-        self._write(flush_all)
+        self._write(self._flush_all)
         self._notify()
+
+    @staticmethod
+    def _flush_all(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM dq_messages WHERE consumer IS NULL")
+        conn.execute("DELETE FROM dq_dead")
 
     def qsize(self, queue_name: str) -> int:
         """How many messages of ``queue_name`` and its ``.DQ`` are stored (waiting or in
@@ -665,220 +867,17 @@ class SqliteBroker(Broker):
         )
         return [(str(mid), bytes(payload), int(at)) for mid, payload, at in rows]
 
+    def dead_letter_reasons_of(self, queue_name: str) -> list[tuple[str, DeathReason]]:
+        """Why each dead letter of a queue died, oldest first: (message_id, reason).
 
-_consumer_ids = itertools.count(1)
-
-
-class _SqliteConsumer(BufferedConsumer[int]):
-    """A consumer of one queue of a SQLite file.
-
-    When its buffer is empty it reserves as many rows as its free prefetch allows in
-    one transaction, once at least half its prefetch window is free (at least one),
-    then hands them out one per ``next()``. ``ack``, ``nack``, ``requeue``,
-    ``promote`` and ``replace`` are thread-safe: worker threads settle directly, and
-    acks arriving while another thread sends a batch join the next batch.
-    """
-
-    #: What it holds lives in the file under its id and lease, not in a connection.
-    survives_connection_loss = True
-
-    broker: SqliteBroker
-
-    def __init__(self, broker: SqliteBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        super().__init__(broker, queue_name, prefetch, timeout)
-        self.pid = os.getpid()
-        self.consumer_id = f"{broker.broker_id}.{self.pid}.{next(_consumer_ids)}"
-
-    def buffered(self) -> int:
-        """How many reserved messages wait in memory for ``next()``."""
-        return len(self._buffer)
-
-    def _tag(self, message: MessageProxy) -> int:
-        return _seq(message)
-
-    def _dead_letter(self, tag: int) -> None:
-        self._settle(tag, self._nack_body(tag))
-
-    def _room_freed(self) -> None:
-        self.broker._notify()
-
-    def _fetch(self, deadline: float) -> bool:
-        """Fill the buffer, waiting until ``deadline``; return whether it has items."""
-        broker = self.broker
-        interval = broker.poll_interval / 1000
-        while True:
-            generation = broker._generation
-            with self._lock:
-                closed = self._closed
-                room = self.prefetch - len(self._buffer) - len(self._held)
-            if closed:
-                return False
-            if room >= self._min_batch:
-                rows = broker._reserve(self.queue_name, self.consumer_id, room)
-                if rows:
-                    with self._lock:
-                        closed = self._closed
-                        if not closed:
-                            self._buffer.extend(rows)
-                    if closed:  # closed by another thread meanwhile: give them back
-                        self._requeue([seq for seq, _ in rows])
-                        return False
-                    return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            broker._wait(generation, min(interval, remaining))
-
-    # -- settling ------------------------------------------------------------------------
-
-    def _settle(self, seq: int, body: Callable[[sqlite3.Connection], int]) -> int:
-        """Run one settling transaction of ``seq`` and free its prefetch slot."""
-        try:
-            return self.broker._write(body)
-        finally:
-            self._forget([seq])
-
-    def _lost(self, count: int, what: str) -> None:
-        if count:
-            self.broker.logger.warning(
-                "%d message(s) of %r could not be %s: this consumer's lease expired and "
-                "they were returned to the queue; they will run again.",
-                count,
-                self.queue_name,
-                what,
-            )
-
-    def _send_ack_batch(self, batch: list[int]) -> None:
-        """Delete the acked rows this consumer still holds, in one transaction."""
-        consumer_id = self.consumer_id
-
-        def ack(conn: sqlite3.Connection) -> int:
-            return sum(conn.execute(_DELETE_HELD, (seq, consumer_id)).rowcount for seq in batch)
-
-        self._lost(len(batch) - self.broker._write(ack), "acked")
-
-    def _nack_body(self, seq: int) -> Callable[[sqlite3.Connection], int]:
-        consumer_id = self.consumer_id
-        dead_queue = policy.q_name(self.queue_name)
-        now = _now()
-
-        def nack(conn: sqlite3.Connection) -> int:
-            moved = conn.execute(
-                "INSERT INTO dq_dead (queue, message_id, payload, dead_at) "
-                "SELECT ?, message_id, payload, ? FROM dq_messages "
-                "WHERE seq = ? AND consumer = ?",
-                (dead_queue, now, seq, consumer_id),
-            ).rowcount
-            if moved:
-                conn.execute(_DELETE_HELD, (seq, consumer_id))
-            return int(moved)
-
-        return nack
-
-    def nack(self, message: MessageProxy) -> None:
-        """Move ``message`` to its canonical queue's dead letters, in one transaction."""
-        seq = _seq(message)
-        self._lost(1 - self._settle(seq, self._nack_body(seq)), "dead-lettered")
-
-    def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        """Return unprocessed ``messages`` to the tail of their queue, in order, in one
-        transaction."""
-        seqs = [_seq(message) for message in messages]
-        if not seqs:
-            return
-        done = self._requeue(seqs)
-        self._forget(seqs)
-        self._lost(len(seqs) - done, "requeued")
-
-    def _requeue(self, seqs: list[int]) -> int:
-        consumer_id = self.consumer_id
-
-        def requeue(conn: sqlite3.Connection) -> int:
-            done = 0
-            for seq in seqs:
-                if conn.execute(_COPY_TO_TAIL, (seq, consumer_id)).rowcount:
-                    conn.execute(_DELETE_HELD, (seq, consumer_id))
-                    done += 1
-            return done
-
-        try:
-            return self.broker._write(requeue)
-        finally:
-            self.broker._notify()
-
-    def promote(self, message: MessageProxy) -> Message[Any]:
-        """Store the ready copy of a held delayed message and forget the held one, in
-        one transaction.
-
-        Returns:
-            The promoted copy as stored (canonical queue, no ``eta``).
+        A reason this version of dq does not know (written by a newer one, or by
+        hand) reads as `DeathReason.NACKED`; the raw text stays in ``dq_dead.reason``.
         """
-        return self.replace(message, policy.promoted(message.message), None, hooks=False)
-
-    def replace(self, message: MessageProxy, new: M, delay: int | None, *, hooks: bool = True) -> M:
-        """Store ``new`` (after ``delay`` ms) and ack ``message`` in one transaction.
-
-        This is how a retry is stored: if this consumer no longer holds ``message``
-        (its lease expired and it was recovered), nothing is stored and it runs again
-        instead.
-
-        Returns:
-            ``new`` as stored.
-        """
-        broker = self.broker
-        seq = _seq(message)
-        stored, row = broker._prepare(new, delay, _now(), hooks=hooks)
-        consumer_id = self.consumer_id
-
-        def replace(conn: sqlite3.Connection) -> int:
-            if not conn.execute(_DELETE_HELD, (seq, consumer_id)).rowcount:
-                return 0
-            conn.execute(_INSERT, row)
-            return 1
-
-        replaced = self._settle(seq, replace)
-        if not replaced:
-            self._lost(1, "replaced")
-        elif hooks and broker._hooks.after_enqueue:
-            broker._run_after(broker._hooks.after_enqueue, stored, delay)
-        return stored
-
-    def close(self) -> None:
-        """Send pending acks and return everything this consumer holds (reserved or
-        handed out, unsettled) to the tail of its queue, oldest first."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            acked = set(self._acks)
-            seqs = sorted(
-                [seq for seq in self._held if seq not in acked] + [seq for seq, _ in self._buffer]
-            )
-            self._buffer.clear()
-            sending = self._sending
-            self._sending = True
-        try:
-            if not sending:
-                self._send_acks()
-            if seqs:
-                self._requeue(seqs)
-                with self._lock:
-                    self._held.clear()
-        except (DatabaseBusy, DatabaseUnavailable):
-            self.broker.logger.warning(
-                "Could not return %d messages of %r: the database is unavailable; they "
-                "come back when their lease expires.",
-                len(seqs),
-                self.queue_name,
-            )
-        finally:
-            self.broker._consumers.discard(self)
-
-
-def _seq(message: MessageProxy) -> int:
-    tag = message._tag
-    if not isinstance(tag, int) or isinstance(tag, bool):
-        raise ValueError(
-            f"{message!r} was not delivered by a SqliteBroker consumer (it has no row tag)"
+        rows = self._read(
+            "SELECT message_id, reason FROM dq_dead WHERE queue = ? ORDER BY seq",
+            (policy.q_name(queue_name),),
         )
-    return tag
+        return [(str(mid), _REASONS.get(reason, DeathReason.NACKED)) for mid, reason in rows]
+
+
+_REASONS: Final = {reason.value: reason for reason in DeathReason}
