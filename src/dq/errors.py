@@ -9,10 +9,12 @@ __all__ = [
     "ActorNotFound",
     "BrokerConnectionError",
     "BrokerError",
+    "BrokerOutOfMemory",
     "ConnectionClosed",
     "ConnectionFailed",
     "DecodeError",
     "DramatiqError",
+    "InvalidQueueName",
     "QueueJoinTimeout",
     "QueueNotFound",
     "RateLimitExceeded",
@@ -59,6 +61,17 @@ class ActorNotFound(BrokerError):
 
 class QueueNotFound(BrokerError):
     """No queue of that name is declared on the broker."""
+
+
+class InvalidQueueName(QueueNotFound, ValueError):
+    """A message cannot be stored on that queue name (dq, not Dramatiq): it names a
+    dead-letter queue or collides with a broker's own keys
+    (`dq.core.policy.stored_queue_problem` says why)."""
+
+
+class BrokerOutOfMemory(BrokerError):
+    """The broker's server refused to store anything more: it is out of memory (dq,
+    not Dramatiq; Redis at ``maxmemory`` with ``noeviction``). Nothing was stored."""
 
 
 class QueueJoinTimeout(DramatiqError):
