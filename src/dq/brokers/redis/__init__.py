@@ -70,7 +70,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast
 
 import attrs
 
@@ -482,7 +482,8 @@ class RedisBroker(Broker):
 
     @property
     def consumer_class(self) -> type[Consumer]:
-        """The class of this broker's consumers."""
+        """The class of this broker's consumers (`consume` makes them; a subclass may
+        name a subclass of it)."""
         return _RedisConsumer
 
     @property
@@ -862,7 +863,8 @@ class RedisBroker(Broker):
         self._stored_name(queue_name)
         check_consume_arguments(prefetch, timeout)
         self._start_threads()
-        return _RedisConsumer(self, queue_name, prefetch, timeout)
+        make = cast("type[_RedisConsumer]", self.consumer_class)  # typed as the base's
+        return make(self, queue_name, prefetch, timeout)
 
     # -- maintenance --------------------------------------------------------------------
 
