@@ -1,4 +1,8 @@
-"""dq's exception hierarchy (Dramatiq 2.2.1's, name for name)."""
+"""dq's exception hierarchy (Dramatiq 2.2.1's, name for name).
+
+``__all__`` is Dramatiq's hierarchy exactly; dq's own additions (`InvalidQueueName`,
+`BrokerOutOfMemory`) subclass its classes and are imported from here by name.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,10 @@ __all__ = [
     "ActorNotFound",
     "BrokerConnectionError",
     "BrokerError",
-    "BrokerOutOfMemory",
     "ConnectionClosed",
     "ConnectionFailed",
     "DecodeError",
     "DramatiqError",
-    "InvalidQueueName",
     "QueueJoinTimeout",
     "QueueNotFound",
     "RateLimitExceeded",
