@@ -1,25 +1,34 @@
 """`RedisBroker`: Dramatiq's Redis wire format, with atomic transitions and bounded recovery.
 
 The broker keeps Dramatiq 2.2.1's keys, types and payloads (``../spec/wire.md`` §3), so
-dq and Dramatiq processes can share one Redis:
+dq and Dramatiq processes can share one Redis (the layout: `dq.brokers.redis._keys`).
 
-==========================  =====  ==============================================
-key                         type   contents
-==========================  =====  ==============================================
-``ns:Q``                    LIST   redis_message_ids, FIFO (RPUSH / LPOP)
-``ns:Q.msgs``               HASH   redis_message_id -> encoded message
-``ns:__acks__.W.Q``         SET    ids worker ``W`` fetched from ``Q``, unsettled
-``ns:__heartbeats__``       ZSET   worker id -> ms time of its last heartbeat
-``ns:C.XQ``                 ZSET   dead-lettered ids -> ms time of the nack
-``ns:C.XQ.msgs``            HASH   dead-lettered id -> the message as stored
-==========================  =====  ==============================================
+**The core decides, the Lua moves.** Every decision is made in Python by `dq.core`:
+who counts as dead (`dq.core.policy.dead_consumers`), what becomes of each message a
+dead worker held (`dq.core.apply` of `dq.core.Recover`: back to its queue with a new
+delivery count, or dead-lettered past ``max_deliveries``), which queue names may be
+stored on (`dq.core.policy.check_queue_name`). Each core command is then carried out
+by exactly one Lua script named after it, which only moves data and is guarded so
+that it does nothing when the world changed since the decision. `COMMANDS` is the
+table (command type -> script, or `dq.brokers.steps.Cannot` with the reason):
 
-Each state transition of `dq.core` is one Lua script (``lua/*.lua``), so each is
-atomic: enqueue (one or many), fetch (`Reserve`), ack and nack (batched), requeue
-(`Requeue`, `Release`), replace (`Promote`, and a retry stored while its original is
-acked), purge (`Flush`), recover (`Release` for a dead worker), forget (drop a dead
-worker's heartbeat), expire (dead letters past their TTL). The core decides what each
-transition does; `dq.testing.BrokerConformance` checks these scripts against it.
+===================  ======================  ================================================
+command              script                  notes
+===================  ======================  ================================================
+DeclareQueue         (none)                  declarations live in the declaring process
+Enqueue              ``enqueue.lua``         one or many; refused whole at maxmemory
+Reserve              ``reserve.lua``         refreshes the heartbeat after the move
+Ack, AckMany         ``ack.lua``             batched
+Nack                 ``nack.lua``            keeps the death reason in ``__dq__.reasons.C``
+Requeue, Release     ``requeue.lua``         a closing consumer returns all it holds
+Promote              ``promote.lua``         a due delayed message onto its queue
+Replace              ``replace.lua``         a retry stored while its original is acked
+Start                ``start.lua``           run marks of suspects only
+Recover              ``recover.lua``         per dead worker's ack set and batch
+Renew, ExpireLeases  (none)                  heartbeats, not leases
+ExpireDeadLetters    ``expire_dead_letters``
+Flush                ``flush.lua``           per queue; FlushAll: one per declared queue
+===================  ======================  ================================================
 
 Where Dramatiq is unsafe, dq fixes it inside the same keys:
 
@@ -27,18 +36,37 @@ Where Dramatiq is unsafe, dq fixes it inside the same keys:
   and forgotten on the delay queue by one script, and a retry is stored while its
   original is acked by one script. If the caller no longer holds the original
   (another worker recovered it), nothing is stored, so nothing is duplicated.
-* **Recovery is bounded and deterministic.** Every broker that consumes runs a
-  thread that refreshes its heartbeat every ``min(heartbeat_timeout / 4, 5 s)`` and,
-  every ``requeue_interval`` ms, recovers the messages held by workers whose
-  heartbeat is older than ``heartbeat_timeout``: they are back in their queue at most
-  ``requeue_deadline = heartbeat_timeout + requeue_interval`` ms after the dead
-  worker's last heartbeat. Dramatiq's probabilistic maintenance remains an extra
-  trigger (``maintenance_chance`` per million fetches).
-* **Poison messages are dead-lettered.** A message delivered ``max_deliveries`` times
-  whose worker died while running it each time (its task kills the process) is
-  dead-lettered with a log line instead of looping forever. Recovered messages become
-  suspects, and a consumer records when it starts one, so messages merely prefetched
-  beside a poison message are not counted.
+* **Recovery is bounded, deterministic and atomic in effect.** Every broker that
+  consumes runs a thread that refreshes its heartbeat every ``min(heartbeat_timeout /
+  4, 5 s)`` and, every ``requeue_interval`` ms, recovers the messages held by workers
+  whose heartbeat is older than ``heartbeat_timeout``: they are back in their queue at
+  most ``requeue_deadline = heartbeat_timeout + requeue_interval`` ms after the dead
+  worker's last heartbeat. What a dead worker held is read and validated first (a
+  count that is not a number, a payload that is gone, a key of the wrong type is
+  logged with its key and given a safe outcome, and never stops the tick), then moved
+  by one script per batch that stores each id elsewhere before it leaves the ack set:
+  a failure part-way leaves every message reachable (`dq.brokers.redis._recovery`).
+  Dramatiq's probabilistic maintenance remains an extra trigger
+  (``maintenance_chance`` per million fetches).
+* **Poison messages are dead-lettered, bystanders never.** The first death of a worker
+  counts one delivery for every message it held (each becomes a *suspect*: the
+  reserve script says so, `_RedisConsumer.suspect`); after that only a death while a
+  suspect ran alone counts (`dq.core.policy.deliveries_after_death`). The worker runs
+  suspects alone and reports each start (`_RedisConsumer.started`, a run mark written
+  for suspects only). At ``max_deliveries`` the message is dead-lettered with reason
+  ``max_deliveries``, logged with its message_id.
+* **A full Redis can be drained.** Scripts that only move or free what is stored carry
+  ``#!lua flags=allow-oom`` (Redis >= 7): reserve, ack, nack, requeue, promote, start,
+  recover, flush, expiry, forget, and the heartbeat (``heartbeat.lua``), so at
+  ``maxmemory`` with ``noeviction`` workers still drain what is stored and live
+  workers never look dead. Enqueue and replace store new data: Redis refuses them
+  whole, and the broker raises `dq.errors.BrokerOutOfMemory`.
+* **Names that collide with the layout are refused.** `RedisBroker.enqueue`,
+  `RedisBroker.enqueue_many`, `RedisBroker.declare_queue` and `RedisBroker.consume`
+  raise `dq.errors.InvalidQueueName` (a `QueueNotFound` and a ``ValueError``) for
+  ``__heartbeats__``, ``q.XQ``, ``q.msgs``, ``__acks__.*``, ``__dq__.*``, checked once
+  per name. A consumer that meets a key somebody else wrote with the wrong type logs
+  it, naming the key, and waits 30 s before it fetches again.
 * **Lost replies are returned.** Ids of a fetch whose reply never arrived are found in
   this live process's ack set and requeued (`RedisBroker.reconcile`).
 * **Idle consumers wake at once.** Enqueue scripts publish on the channel
@@ -55,8 +83,9 @@ connection per thread) and imports redis-py only when given a ``client``, option
 redis-py understands, or when `RedisBroker.client` is first read (``docs/redis.md``).
 
 dq's only extra keys are the hashes ``ns:__dq__.deliveries.Q`` and
-``ns:__dq__.started.Q`` (poison-message counts), which exist only while a message
-recovered from a dead worker is unsettled.
+``ns:__dq__.started.Q`` (delivery counts and run marks), which exist only while a
+message recovered from a dead worker is unsettled, and ``ns:__dq__.reasons.C`` (why a
+message was dead-lettered, when not by a plain nack), dropped with its dead letter.
 """
 
 from __future__ import annotations
