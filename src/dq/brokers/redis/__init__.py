@@ -1188,6 +1188,12 @@ class _RedisConsumer(BufferedConsumer[str]):
         with self._room:
             self._room.notify_all()
 
+    def _forget(self, tags: list[str]) -> None:
+        if self._suspects:  # a settled suspect is no longer this consumer's concern
+            with self._lock:
+                self._suspects.difference_update(tags)
+        super()._forget(tags)
+
     def _fetch(self, deadline: float) -> bool:
         """Fill the buffer, waiting until ``deadline``; return whether it has items."""
         broker = self.broker
@@ -1283,10 +1289,8 @@ class _RedisConsumer(BufferedConsumer[str]):
         if not self._suspects:  # the common case: costs nothing
             return
         rid = _rid(message)
-        with self._lock:
-            if rid not in self._suspects:
-                return
-            self._suspects.discard(rid)
+        if rid not in self._suspects:
+            return
         broker = self.broker
         mark = broker.broker_id if alone else broker.broker_id + SHARED_MARK
         broker._run(

@@ -42,6 +42,7 @@ from dq.core import (
 )
 from dq.core import effects as fx
 from dq.core import events as ev
+from dq.errors import ConnectionClosed
 
 if TYPE_CHECKING:
     from dq.brokers.redis import RedisBroker
@@ -189,14 +190,18 @@ def recover(broker: RedisBroker, now_ms: int) -> RecoveryReport:
             tick = _AckSet(broker, worker, key, key[len(prefix) :], cutoff, now_ms)
             try:
                 tick.run()
-            except _resp.ResponseError as e:
-                # Never a reason to stop the tick: log it naming the key, go on.
+            except ConnectionClosed:
+                raise
+            except Exception as e:
+                # Never a reason to stop the tick: log it naming the key, go on. What
+                # the failed call had not moved is still in the ack set.
                 broker.logger.error(
                     "Could not recover %s (worker %s is dead): %s; its messages stay "
                     "there and the next tick tries again.",
                     key,
                     worker,
                     e,
+                    exc_info=not isinstance(e, _resp.ResponseError),
                 )
                 tick.left = True
             requeued += tick.requeued
