@@ -365,3 +365,19 @@ def test_a_nack_keeps_its_death_reason_beside_the_untouched_dead_letter(
     broker.declare_queue("q")
     broker.flush("q")  # the reason goes with its dead letter
     assert keys_under(conn, namespace) == [f"{namespace}:__heartbeats__"]
+
+
+def test_a_heartbeat_that_cannot_be_written_never_blocks_a_fetch(
+    broker: RedisBroker, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn = broker.client
+    conn.set(f"{namespace}:__heartbeats__", "somebody else's")
+    stored = broker.enqueue(Message("q", "f", (), {}, {}))
+    with caplog.at_level(logging.ERROR, logger="dq"):
+        consumer = broker.consume("q", prefetch=1, timeout=500)
+        message = next(consumer)
+    assert message.message_id == stored.message_id
+    assert "Could not write this broker's heartbeat" in caplog.text
+    consumer.ack(message)
+    consumer.close()
+    conn.delete(f"{namespace}:__heartbeats__")

@@ -634,7 +634,12 @@ class RedisBroker(Broker):
             if self._closed:
                 raise RuntimeError("this RedisBroker is closed")
             if self._keeper is None:
-                self.heartbeat()  # before the first fetch
+                try:
+                    self.heartbeat()  # before the first fetch
+                except _resp.ResponseError as e:
+                    # Never a reason not to consume: reserve.lua refreshes it too, and
+                    # the keeper retries (logging each failure).
+                    self.logger.error("Could not write this broker's heartbeat: %s", e)
                 self._keeper = _Keeper(self)
                 self._keeper.start()
             if self._listener is None:
