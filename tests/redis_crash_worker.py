@@ -9,8 +9,9 @@ The tests SIGKILL it, or its actor kills it, to play a crashed worker. Two modes
 
 ``work``
     Run a dq `Worker` (actors from `declare_record` and, with ``--poison``,
-    `declare_poison`). Prints one JSON line (``broker_id``, ``pid``) once it runs,
-    then works until SIGTERM (a clean stop, exit 0) or SIGKILL.
+    `declare_poison`; with ``--threads 1``, on a `OneThreadBroker`). Prints one JSON
+    line (``broker_id``, ``pid``) once it runs, then works until SIGTERM (a clean
+    stop, exit 0) or SIGKILL.
 
 Every process the tests start records what its actors ran in Redis hashes *outside*
 the broker namespace (`processed_key`, `poison_runs_key`), so what was done survives the
@@ -30,12 +31,14 @@ import time
 from typing import Any
 
 import dq
-from dq.brokers.redis import RedisBroker
+from dq.broker import Consumer, MessageProxy
+from dq.brokers.redis import RedisBroker, _RedisConsumer
 from dq.middleware import CurrentMessage, Middleware, default_middleware
 
 __all__ = [
     "declare_poison",
     "declare_record",
+    "innocent_starts_key",
     "main",
     "make_broker",
     "poison_runs_key",
@@ -48,9 +51,32 @@ def processed_key(namespace: str) -> str:
     return f"{namespace}-test:processed"
 
 
+def innocent_starts_key(namespace: str) -> str:
+    """Hash message_id -> times the ``innocent`` actor started (outside the namespace)."""
+    return f"{namespace}-test:innocent-starts"
+
+
 def poison_runs_key(namespace: str) -> str:
     """Hash message_id -> times the ``poison`` actor started (outside the namespace)."""
     return f"{namespace}-test:poison-runs"
+
+
+class _AloneConsumer(_RedisConsumer):
+    """A consumer of a process with one worker thread: whatever starts runs alone."""
+
+    def started(self, message: MessageProxy, *, alone: bool) -> None:
+        super().started(message, alone=True)
+
+
+class OneThreadBroker(RedisBroker):
+    """A RedisBroker for a Worker with one thread, whose consumers report every start
+    as alone (true with one thread). dq's Worker says so itself once it runs suspects
+    alone (issue 16, the worker's part); until then this keeps the single-thread
+    poison tests about the Redis side only."""
+
+    @property
+    def consumer_class(self) -> type[Consumer]:
+        return _AloneConsumer
 
 
 def make_broker(
@@ -61,12 +87,14 @@ def make_broker(
     requeue_interval: int,
     max_deliveries: int = 10,
     middleware: list[Middleware] | None = None,
+    one_thread: bool = False,
 ) -> RedisBroker:
-    """A RedisBroker with the default middleware plus `CurrentMessage`."""
+    """A RedisBroker with the default middleware plus `CurrentMessage` (an
+    `OneThreadBroker` for a Worker with ``one_thread``)."""
     if middleware is None:
         middleware = [cls() for cls in default_middleware]
         middleware.append(CurrentMessage())
-    return RedisBroker(
+    return (OneThreadBroker if one_thread else RedisBroker)(
         url=url,
         namespace=namespace,
         middleware=middleware,
@@ -98,14 +126,16 @@ def declare_record(
 
 
 def declare_poison(
-    broker: RedisBroker, namespace: str, *, wait_ms: int = 0
+    broker: RedisBroker, namespace: str, *, wait_ms: int = 0, innocent_ms: int = 0
 ) -> tuple[dq.Actor[[], None], dq.Actor[[int], None]]:
     """On queue ``poison``: ``poison()`` records the attempt, waits ``wait_ms`` (so its
     consumer fills its prefetch meanwhile), then SIGKILLs its process; ``innocent(n)``
-    records its message_id in `processed_key`. The poison has the lower priority value,
-    so it runs before the innocent messages its worker holds."""
+    records its start in `innocent_starts_key`, runs ``innocent_ms``, then records its
+    message_id in `processed_key`. The poison has the lower priority value, so it runs
+    before the innocent messages its worker holds."""
     runs = poison_runs_key(namespace)
     processed = processed_key(namespace)
+    starts = innocent_starts_key(namespace)
 
     @dq.actor(broker=broker, actor_name="poison", queue_name="poison", priority=0, max_retries=0)
     def poison() -> None:
@@ -118,6 +148,9 @@ def declare_poison(
         broker=broker, actor_name="innocent", queue_name="poison", priority=100, max_retries=0
     )
     def innocent(n: int) -> None:
+        broker.client.hincrby(starts, _current_message_id(), 1)
+        if innocent_ms:
+            time.sleep(innocent_ms / 1000)
         broker.client.hincrby(processed, _current_message_id(), 1)
 
     return poison, innocent
@@ -145,11 +178,16 @@ def _fetch(broker: RedisBroker, queue: str, count: int) -> None:
 
 
 def _work(
-    broker: RedisBroker, namespace: str, threads: int, sleep_ms: int, poison: int | None
+    broker: RedisBroker,
+    namespace: str,
+    threads: int,
+    sleep_ms: int,
+    poison: int | None,
+    innocent_ms: int = 0,
 ) -> None:
     declare_record(broker, namespace, sleep_ms=sleep_ms)
     if poison is not None:
-        declare_poison(broker, namespace, wait_ms=poison)
+        declare_poison(broker, namespace, wait_ms=poison, innocent_ms=innocent_ms)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     worker = dq.Worker(broker, worker_threads=threads, worker_timeout=100)
@@ -175,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--poison", type=int, default=None, metavar="WAIT_MS", help="declare the poison actors"
     )
+    parser.add_argument("--innocent-ms", type=int, default=0, help="how long innocent runs")
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -187,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         requeue_interval=args.requeue_interval,
         max_deliveries=args.max_deliveries,
+        one_thread=args.mode == "work" and args.threads == 1,
     )
     if args.mode == "fetch":
         _fetch(broker, args.queue, args.count)
     else:
-        _work(broker, args.namespace, args.threads, args.sleep_ms, args.poison)
+        _work(broker, args.namespace, args.threads, args.sleep_ms, args.poison, args.innocent_ms)
     return 0
 
 

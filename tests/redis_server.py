@@ -51,9 +51,18 @@ class RedisServer:
         appendonly: run with ``--appendonly yes --appendfsync always`` (every write is
             on disk before it is answered), else with no persistence at all.
         port: a fixed port (default: a free one, chosen at the first `start`).
+        options: more command-line options (``("--maxmemory", "2mb")``...).
     """
 
-    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = False,
+        port: int | None = None,
+        options: tuple[str, ...] = (),
+    ):
+        self.options = options
         self.directory = directory
         self.appendonly = appendonly
         self.port = port or 0
@@ -83,7 +92,7 @@ class RedisServer:
             command += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             command += ["--appendonly", "no"]
-        return command
+        return command + list(self.options)
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server (on the same port and dir as before, after a stop) and

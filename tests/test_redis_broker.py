@@ -459,7 +459,9 @@ def test_a_message_that_kills_its_worker_each_time_is_dead_lettered(
             # merely prefetched beside it goes back to its queue.
             assert report.requeued == 1 and report.dead_lettered == (rid,)
     assert conn.zscore(f"{namespace}:q.XQ", rid) is not None
-    assert f"Dead-lettered message {rid}" in caplog.text
+    # The log line names the message (not only its redis id) and the reason.
+    assert f"Dead-lettered message {stored.message_id} (redis id {rid})" in caplog.text
+    assert "reason max_deliveries" in caplog.text
     assert conn.lrange(f"{namespace}:q", 0, -1) == [bystander.encode()]
     assert conn.hkeys(f"{namespace}:__dq__.deliveries.q") == [bystander.encode()]  # a suspect
     # Once the bystander is acked, nothing but the dead letter is left.
@@ -469,7 +471,13 @@ def test_a_message_that_kills_its_worker_each_time_is_dead_lettered(
     consumer.ack(message)
     consumer.close()
     broker.close()
-    assert keys_under(conn, namespace) == [f"{namespace}:q.XQ", f"{namespace}:q.XQ.msgs"]
+    # The dead letter, and the reason dq keeps for it where Dramatiq does not look.
+    assert keys_under(conn, namespace) == [
+        f"{namespace}:__dq__.reasons.q",
+        f"{namespace}:q.XQ",
+        f"{namespace}:q.XQ.msgs",
+    ]
+    assert conn.hgetall(f"{namespace}:__dq__.reasons.q") == {rid.encode(): b"max_deliveries"}
 
 
 def test_recovery_leaves_live_workers_alone(broker: RedisBroker, namespace: str) -> None:

@@ -39,6 +39,7 @@ from dq.brokers.redis import RedisBroker
 from dq.middleware import CurrentMessage
 from redis_crash_worker import (
     declare_record,
+    innocent_starts_key,
     make_broker,
     poison_runs_key,
     processed_key,
@@ -758,11 +759,16 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
         for r in caplog.records
         if r.levelno >= logging.WARNING and r.name.startswith("dq")
     ]
-    assert any(poison.message_id in line or poison_rid in line for line in lines), (
-        f"no warning names the dead-lettered message: {lines}"
+    assert any(poison.message_id in line and "max_deliveries" in line for line in lines), (
+        f"no warning names the dead-lettered message and the reason: {lines}"
     )
-    # Only the dead letter is left: no queue, payload, ack set or delivery counter.
-    assert describe(client, namespace) == {xq: "zset[1]", f"{xq}.msgs": "hash[1]"}
+    # Only the dead letter (and its reason) is left: no queue, payload, ack set or
+    # delivery counter.
+    assert describe(client, namespace) == {
+        xq: "zset[1]",
+        f"{xq}.msgs": "hash[1]",
+        f"{namespace}:__dq__.reasons.poison": "hash[1]",
+    }
 
     # The queue works again: a fresh worker runs ordinary messages and stays alive.
     record = declare_record(parent, namespace)
@@ -876,3 +882,89 @@ def test_messages_prefetched_beside_a_poison_message_are_not_dead_lettered(
         f"(dead letters: {len(dead_letters)}, never ran: {len(never_ran)})"
     )
     assert not never_ran
+
+
+# -- 5c. a message that runs beside a poison message ------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_message_running_beside_a_poison_message_is_never_dead_lettered(
+    redis_server: RedisServer,
+    namespace: str,
+    cleanup: Cleanup,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each time the poison kills its worker, an innocent message is *running* in the
+    # same process (two worker threads). Counting every started message blamed both
+    # (the innocent was dead-lettered with the poison). The core's rule
+    # (dq.core.policy.deliveries_after_death) charges a death to a suspect only when it
+    # ran alone: the worker runs suspects alone, and the Redis consumer records how
+    # each suspect started.
+    max_deliveries = 2
+    client = redis_server.client()
+    parent = cleanup.broker(redis_server, namespace, max_deliveries=max_deliveries)
+    poison = parent.enqueue(dq.Message("poison", "poison", (), {}, {}))
+    innocent = parent.enqueue(dq.Message("poison", "innocent", (0,), {}, {}))
+    poison_rid: str = poison.options["redis_message_id"]
+    innocent_rid: str = innocent.options["redis_message_id"]
+    xq = f"{namespace}:poison.XQ"
+    starts = redis_counts(client, innocent_starts_key(namespace))
+    processed = redis_counts(client, processed_key(namespace))
+
+    caplog.set_level(logging.INFO)
+    beside: list[bool] = []
+    for attempt in range(max_deliveries + 1):
+        if client.zscore(xq, poison_rid) is not None:
+            break
+        before = starts().get(innocent.message_id, 0)
+        child = spawn(
+            cleanup,
+            redis_server,
+            namespace,
+            "work",
+            tmp_path / f"worker-{attempt}.log",
+            "--threads",
+            "2",
+            "--poison",
+            "300",
+            "--innocent-ms",
+            "5000",
+            "--max-deliveries",
+            str(max_deliveries),
+        )
+        code = child.process.wait(20)
+        assert code == -signal.SIGKILL, f"worker exited with {code}:\n{child.log_text()}"
+        beside.append(
+            starts().get(innocent.message_id, 0) > before and innocent.message_id not in processed()
+        )
+        dead = child.broker_id
+
+        def recovered(dead: str = dead) -> bool:
+            parent.recover()
+            return not ack_set_keys(client, namespace, dead)
+
+        wait_until(recovered, HEARTBEAT_TIMEOUT + 5000, interval=0.1, what="recovery")
+
+    dead_letters = {_text(r) for r in client.zrange(xq, 0, -1) if isinstance(r, bytes | str)}
+    counts = redis_counts(client, f"{namespace}:__dq__.deliveries.poison")()
+    print(
+        f"[poison beside] {len(beside)} deaths, innocent running beside the poison in "
+        f"{sum(beside)}; dead letters {sorted(dead_letters)}; counts {counts}"
+    )
+    assert beside[0], "the innocent message was not running when the poison struck"
+    assert innocent_rid not in dead_letters, "the innocent message was dead-lettered"
+    assert client.hexists(f"{namespace}:poison.msgs", innocent_rid)  # still stored
+    if poison_rid in dead_letters:
+        # The worker ran the suspect poison alone: its death was its own.
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any(
+            poison.message_id in line and poison_rid in line and "max_deliveries" in line
+            for line in lines
+        ), lines
+        assert counts == {innocent_rid: 1}
+    else:
+        # The worker ran them side by side every time: no death was the poison's
+        # alone, so the core charges neither beyond its first (each is a suspect).
+        assert all(beside)
+        assert counts == {poison_rid: 1, innocent_rid: 1}

@@ -1,4 +1,8 @@
-"""dq's exception hierarchy (Dramatiq 2.2.1's, name for name)."""
+"""dq's exception hierarchy (Dramatiq 2.2.1's, name for name).
+
+``__all__`` is Dramatiq's hierarchy exactly; dq's own additions (`InvalidQueueName`,
+`BrokerOutOfMemory`) subclass its classes and are imported from here by name.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +63,17 @@ class ActorNotFound(BrokerError):
 
 class QueueNotFound(BrokerError):
     """No queue of that name is declared on the broker."""
+
+
+class InvalidQueueName(QueueNotFound, ValueError):
+    """A message cannot be stored on that queue name (dq, not Dramatiq): it names a
+    dead-letter queue or collides with a broker's own keys
+    (`dq.core.policy.stored_queue_problem` says why)."""
+
+
+class BrokerOutOfMemory(BrokerError):
+    """The broker's server refused to store anything more: it is out of memory (dq,
+    not Dramatiq; Redis at ``maxmemory`` with ``noeviction``). Nothing was stored."""
 
 
 class QueueJoinTimeout(DramatiqError):

@@ -1,25 +1,34 @@
 """`RedisBroker`: Dramatiq's Redis wire format, with atomic transitions and bounded recovery.
 
 The broker keeps Dramatiq 2.2.1's keys, types and payloads (``../spec/wire.md`` §3), so
-dq and Dramatiq processes can share one Redis:
+dq and Dramatiq processes can share one Redis (the layout: `dq.brokers.redis._keys`).
 
-==========================  =====  ==============================================
-key                         type   contents
-==========================  =====  ==============================================
-``ns:Q``                    LIST   redis_message_ids, FIFO (RPUSH / LPOP)
-``ns:Q.msgs``               HASH   redis_message_id -> encoded message
-``ns:__acks__.W.Q``         SET    ids worker ``W`` fetched from ``Q``, unsettled
-``ns:__heartbeats__``       ZSET   worker id -> ms time of its last heartbeat
-``ns:C.XQ``                 ZSET   dead-lettered ids -> ms time of the nack
-``ns:C.XQ.msgs``            HASH   dead-lettered id -> the message as stored
-==========================  =====  ==============================================
+**The core decides, the Lua moves.** Every decision is made in Python by `dq.core`:
+who counts as dead (`dq.core.policy.dead_consumers`), what becomes of each message a
+dead worker held (`dq.core.apply` of `dq.core.Recover`: back to its queue with a new
+delivery count, or dead-lettered past ``max_deliveries``), which queue names may be
+stored on (`dq.core.policy.check_queue_name`). Each core command is then carried out
+by exactly one Lua script named after it, which only moves data and is guarded so
+that it does nothing when the world changed since the decision. `COMMANDS` is the
+table (command type -> script, or `dq.brokers.steps.Cannot` with the reason):
 
-Each state transition of `dq.core` is one Lua script (``lua/*.lua``), so each is
-atomic: enqueue (one or many), fetch (`Reserve`), ack and nack (batched), requeue
-(`Requeue`, `Release`), replace (`Promote`, and a retry stored while its original is
-acked), purge (`Flush`), recover (`Release` for a dead worker), forget (drop a dead
-worker's heartbeat), expire (dead letters past their TTL). The core decides what each
-transition does; `dq.testing.BrokerConformance` checks these scripts against it.
+===================  ======================  ================================================
+command              script                  notes
+===================  ======================  ================================================
+DeclareQueue         (none)                  declarations live in the declaring process
+Enqueue              ``enqueue.lua``         one or many; refused whole at maxmemory
+Reserve              ``reserve.lua``         refreshes the heartbeat after the move
+Ack, AckMany         ``ack.lua``             batched
+Nack                 ``nack.lua``            keeps the death reason in ``__dq__.reasons.C``
+Requeue, Release     ``requeue.lua``         a closing consumer returns all it holds
+Promote              ``promote.lua``         a due delayed message onto its queue
+Replace              ``replace.lua``         a retry stored while its original is acked
+Start                ``start.lua``           run marks of suspects only
+Recover              ``recover.lua``         per dead worker's ack set and batch
+Renew, ExpireLeases  (none)                  heartbeats, not leases
+ExpireDeadLetters    ``expire_dead_letters``
+Flush                ``flush.lua``           per queue; FlushAll: one per declared queue
+===================  ======================  ================================================
 
 Where Dramatiq is unsafe, dq fixes it inside the same keys:
 
@@ -27,18 +36,37 @@ Where Dramatiq is unsafe, dq fixes it inside the same keys:
   and forgotten on the delay queue by one script, and a retry is stored while its
   original is acked by one script. If the caller no longer holds the original
   (another worker recovered it), nothing is stored, so nothing is duplicated.
-* **Recovery is bounded and deterministic.** Every broker that consumes runs a
-  thread that refreshes its heartbeat every ``min(heartbeat_timeout / 4, 5 s)`` and,
-  every ``requeue_interval`` ms, recovers the messages held by workers whose
-  heartbeat is older than ``heartbeat_timeout``: they are back in their queue at most
-  ``requeue_deadline = heartbeat_timeout + requeue_interval`` ms after the dead
-  worker's last heartbeat. Dramatiq's probabilistic maintenance remains an extra
-  trigger (``maintenance_chance`` per million fetches).
-* **Poison messages are dead-lettered.** A message delivered ``max_deliveries`` times
-  whose worker died while running it each time (its task kills the process) is
-  dead-lettered with a log line instead of looping forever. Recovered messages become
-  suspects, and a consumer records when it starts one, so messages merely prefetched
-  beside a poison message are not counted.
+* **Recovery is bounded, deterministic and atomic in effect.** Every broker that
+  consumes runs a thread that refreshes its heartbeat every ``min(heartbeat_timeout /
+  4, 5 s)`` and, every ``requeue_interval`` ms, recovers the messages held by workers
+  whose heartbeat is older than ``heartbeat_timeout``: they are back in their queue at
+  most ``requeue_deadline = heartbeat_timeout + requeue_interval`` ms after the dead
+  worker's last heartbeat. What a dead worker held is read and validated first (a
+  count that is not a number, a payload that is gone, a key of the wrong type is
+  logged with its key and given a safe outcome, and never stops the tick), then moved
+  by one script per batch that stores each id elsewhere before it leaves the ack set:
+  a failure part-way leaves every message reachable (`dq.brokers.redis._recovery`).
+  Dramatiq's probabilistic maintenance remains an extra trigger
+  (``maintenance_chance`` per million fetches).
+* **Poison messages are dead-lettered, bystanders never.** The first death of a worker
+  counts one delivery for every message it held (each becomes a *suspect*: the
+  reserve script says so, `_RedisConsumer.suspect`); after that only a death while a
+  suspect ran alone counts (`dq.core.policy.deliveries_after_death`). The worker runs
+  suspects alone and reports each start (`_RedisConsumer.started`, a run mark written
+  for suspects only). At ``max_deliveries`` the message is dead-lettered with reason
+  ``max_deliveries``, logged with its message_id.
+* **A full Redis can be drained.** Scripts that only move or free what is stored carry
+  ``#!lua flags=allow-oom`` (Redis >= 7): reserve, ack, nack, requeue, promote, start,
+  recover, flush, expiry, forget, and the heartbeat (``heartbeat.lua``), so at
+  ``maxmemory`` with ``noeviction`` workers still drain what is stored and live
+  workers never look dead. Enqueue and replace store new data: Redis refuses them
+  whole, and the broker raises `dq.errors.BrokerOutOfMemory`.
+* **Names that collide with the layout are refused.** `RedisBroker.enqueue`,
+  `RedisBroker.enqueue_many`, `RedisBroker.declare_queue` and `RedisBroker.consume`
+  raise `dq.errors.InvalidQueueName` (a `QueueNotFound` and a ``ValueError``) for
+  ``__heartbeats__``, ``q.XQ``, ``q.msgs``, ``__acks__.*``, ``__dq__.*``, checked once
+  per name. A consumer that meets a key somebody else wrote with the wrong type logs
+  it, naming the key, and waits 30 s before it fetches again.
 * **Lost replies are returned.** Ids of a fetch whose reply never arrived are found in
   this live process's ack set and requeued (`RedisBroker.reconcile`).
 * **Idle consumers wake at once.** Enqueue scripts publish on the channel
@@ -55,14 +83,14 @@ connection per thread) and imports redis-py only when given a ``client``, option
 redis-py understands, or when `RedisBroker.client` is first read (``docs/redis.md``).
 
 dq's only extra keys are the hashes ``ns:__dq__.deliveries.Q`` and
-``ns:__dq__.started.Q`` (poison-message counts), which exist only while a message
-recovered from a dead worker is unsettled.
+``ns:__dq__.started.Q`` (delivery counts and run marks), which exist only while a
+message recovered from a dead worker is unsettled, and ``ns:__dq__.reasons.C`` (why a
+message was dead-lettered, when not by a plain nack), dropped with its dead letter.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import random
 import sys
@@ -71,7 +99,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast
 
 import attrs
 
@@ -81,10 +109,30 @@ from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._buffered import BufferedConsumer
 from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
 from dq.brokers.redis import _resp
+from dq.brokers.redis._keys import Keys, glob_escape
+from dq.brokers.redis._recovery import SHARED_MARK, RecoveryReport
+from dq.brokers.redis._recovery import recover as _recover
+from dq.brokers.redis._scripts import COMMANDS, SCRIPT_NAMES, Script, load_script
 from dq.common import getenv_int
-from dq.core import DeclareQueue, apply, initial_state, policy
+from dq.core import (
+    Ack,
+    DeathReason,
+    DeclareQueue,
+    InvalidValue,
+    Nack,
+    Requeue,
+    apply,
+    initial_state,
+    policy,
+)
+from dq.core import commands as _commands
 from dq.core import events as ev
-from dq.errors import ConnectionClosed, QueueJoinTimeout, QueueNotFound
+from dq.errors import (
+    BrokerOutOfMemory,
+    ConnectionClosed,
+    InvalidQueueName,
+    QueueJoinTimeout,
+)
 from dq.message import Message
 from dq.middleware import Middleware
 from dq.wire import encode_message
@@ -93,6 +141,7 @@ if TYPE_CHECKING:
     import redis
 
 __all__ = [
+    "COMMANDS",
     "DEFAULT_DEAD_MESSAGE_TTL",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_LUA_MAX_STACK",
@@ -102,6 +151,7 @@ __all__ = [
     "MAINTENANCE_SCALE",
     "RecoveryReport",
     "RedisBroker",
+    "Script",
 ]
 
 M = TypeVar("M", bound=Message[Any])
@@ -121,23 +171,15 @@ DEFAULT_LUA_MAX_STACK: Final = getenv_int("dramatiq_lua_max_stack")
 DEFAULT_MAX_DELIVERIES: Final = 10
 
 _ENQUEUE_CHUNK = 500  # messages per enqueue script call
-_SCRIPT_NAMES = (
-    "enqueue",
-    "fetch",
-    "ack",
-    "nack",
-    "requeue",
-    "replace",
-    "purge",
-    "recover",
-    "forget",
-    "expire",
-    "maxstack",
-)
-_NOTIFY = "__dq__.notify."
-_DELIVERIES = "__dq__.deliveries."
-_STARTED = "__dq__.started."
 _ERRORS = (_resp.RespConnectionError,)
+#: How long a consumer waits before it fetches again from a key of the wrong type (s).
+_BROKEN_KEY_BACKOFF = 30.0
+#: Settlement kinds: a core command type -> its script.
+_SETTLE_SCRIPTS: dict[type[_commands.Command], str] = {
+    Ack: "ack",
+    Nack: "nack",
+    Requeue: "requeue",
+}
 
 
 class RedisConnectionClosed(ConnectionClosed):
@@ -168,39 +210,6 @@ def _closed(error: BaseException) -> RedisConnectionClosed:
         )
         globals()["_RedisPyConnectionClosed"] = _redis_py_closed  # so it pickles
     return _redis_py_closed(error)
-
-
-class Script(NamedTuple):
-    """One of the broker's Lua scripts (`RedisBroker.scripts` maps names to them).
-
-    Attributes:
-        name: its name (``enqueue``, ``fetch``...).
-        source: its Lua source.
-        sha: the SHA1 hex digest of ``source`` (what ``EVALSHA`` names).
-    """
-
-    name: str
-    source: str
-    sha: str
-
-
-def _sha1_hex(data: bytes) -> str:
-    try:
-        # CPython's built-in SHA1: hashlib would load OpenSSL (~3.5 MB per process).
-        sha1: Any = importlib.import_module("_sha1").sha1
-    except ImportError:  # pragma: no cover - other interpreters
-        sha1 = importlib.import_module("hashlib").sha1
-    return str(sha1(data).hexdigest())
-
-
-_LUA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lua")
-
-
-def _load_script(name: str) -> Script:
-    # A plain read (not importlib.resources, which costs ~1 MB of imports per process).
-    with open(os.path.join(_LUA_DIR, f"{name}.lua"), encoding="utf-8") as file:
-        source = file.read()
-    return Script(name, source, _sha1_hex(source.encode()))
 
 
 class _Connection(Protocol):
@@ -248,6 +257,16 @@ def _text(reply: _resp.Reply) -> str:
     return _bytes(reply).decode()
 
 
+def _refused(error: _resp.ResponseError) -> Exception:
+    """The exception to raise for an error reply: `BrokerOutOfMemory` when Redis is at
+    ``maxmemory`` (it says ``OOM``), else the reply itself."""
+    if str(error).startswith("OOM"):
+        return BrokerOutOfMemory(
+            f"Redis is out of memory (maxmemory reached, noeviction): nothing was stored ({error})"
+        )
+    return error
+
+
 def _unexpected(reply: _resp.Reply, expected: str) -> Exception:
     if isinstance(reply, _resp.ResponseError):
         return reply
@@ -260,59 +279,6 @@ def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
         raise ValueError(f"{name} must be {expected} (ms), got {value!r}")
     assert isinstance(value, int)
     return value
-
-
-@attrs.frozen
-class RecoveryReport:
-    """What one recovery tick did.
-
-    Attributes:
-        dead_workers: ids of the workers found dead.
-        requeued: messages returned to their queues.
-        dead_lettered: redis_message_ids dead-lettered for too many deliveries.
-        forgotten: dead workers whose heartbeat entry was removed.
-        expired: dead letters removed for being older than ``dead_message_ttl``.
-    """
-
-    dead_workers: tuple[str, ...] = ()
-    requeued: int = 0
-    dead_lettered: tuple[str, ...] = ()
-    forgotten: int = 0
-    expired: int = 0
-
-
-class _Keys:
-    """Key names of one namespace (Dramatiq's layout)."""
-
-    __slots__ = ("heartbeats", "ns")
-
-    def __init__(self, namespace: str) -> None:
-        self.ns = namespace
-        self.heartbeats = f"{namespace}:__heartbeats__"
-
-    def queue(self, queue_name: str) -> str:
-        return f"{self.ns}:{queue_name}"
-
-    def msgs(self, queue_name: str) -> str:
-        return f"{self.ns}:{queue_name}.msgs"
-
-    def acks(self, worker: str, queue_name: str) -> str:
-        return f"{self.ns}:__acks__.{worker}.{queue_name}"
-
-    def dead(self, queue_name: str) -> str:
-        return f"{self.ns}:{policy.xq_name(queue_name)}"
-
-    def dead_msgs(self, queue_name: str) -> str:
-        return f"{self.ns}:{policy.xq_name(queue_name)}.msgs"
-
-    def deliveries(self, queue_name: str) -> str:
-        return f"{self.ns}:{_DELIVERIES}{queue_name}"
-
-    def started(self, queue_name: str) -> str:
-        return f"{self.ns}:{_STARTED}{queue_name}"
-
-    def channel(self, queue_name: str) -> str:
-        return f"{self.ns}:{_NOTIFY}{queue_name}"
 
 
 class _Waker:
@@ -355,7 +321,7 @@ class _Listener(threading.Thread):
 
     def run(self) -> None:
         broker = self.broker
-        pattern = _glob_escape(broker._keys.channel("")) + "*"
+        pattern = glob_escape(broker._keys.channel("")) + "*"
         while not self.stopped.is_set():
             subscriber = broker._new_subscriber()
             try:
@@ -421,10 +387,6 @@ class _Keeper(threading.Thread):
             except Exception:
                 broker.logger.exception("Heartbeat or recovery failed.")
             self.wake.wait(max(0.01, wait))
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 class RedisBroker(Broker):
@@ -520,9 +482,9 @@ class RedisBroker(Broker):
                 _ = self.client  # options only redis-py understands: use it throughout
         self.namespace = namespace
         self.broker_id = runtime.get_id_source().new_id()
-        self._keys = _Keys(namespace)
+        self._keys = Keys(namespace)
         #: The Lua scripts by name.
-        self.scripts: dict[str, Script] = {name: _load_script(name) for name in _SCRIPT_NAMES}
+        self.scripts: dict[str, Script] = {name: load_script(name) for name in SCRIPT_NAMES}
         # Declarations live in this process only (nothing is written to Redis): a core
         # state with no messages, whose events drive the declare hooks.
         self._declared = initial_state()
@@ -537,18 +499,20 @@ class RedisBroker(Broker):
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         # Settlements closed consumers could not send (Redis was down): the keeper
         # retries them, so nothing stays in this live process's ack sets for ever.
-        self._orphans: list[tuple[str, str, list[str]]] = []
+        self._orphans: list[tuple[str, type[_commands.Command], list[str]]] = []
         self._orphans_lock = threading.Lock()
         # Open consumers, and one lock per queue that a fetch holds from its call
         # until its reply is buffered (`reconcile` holds it to see a settled picture).
         self._consumers: set[_RedisConsumer] = set()
         self._fetch_locks: dict[str, threading.Lock] = {}
+        self._valid_names: set[str] = set()  # names `_stored_name` accepted
 
     # -- plumbing ----------------------------------------------------------------------
 
     @property
     def consumer_class(self) -> type[Consumer]:
-        """The class of this broker's consumers."""
+        """The class of this broker's consumers (`consume` makes them; a subclass may
+        name a subclass of it)."""
         return _RedisConsumer
 
     @property
@@ -621,7 +585,7 @@ class RedisBroker(Broker):
             raise _closed(e) from e
         for reply in replies:
             if isinstance(reply, _resp.ResponseError):
-                raise reply
+                raise _refused(reply) from reply
         return replies
 
     def _scan(self, pattern: str) -> list[str]:
@@ -650,6 +614,8 @@ class RedisBroker(Broker):
                 return conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except _ERRORS as e:
             raise _closed(e) from e
+        except _resp.ResponseError as e:
+            raise _refused(e) from e
 
     @property
     def max_unpack(self) -> int:
@@ -668,7 +634,12 @@ class RedisBroker(Broker):
             if self._closed:
                 raise RuntimeError("this RedisBroker is closed")
             if self._keeper is None:
-                self.heartbeat()  # before the first fetch
+                try:
+                    self.heartbeat()  # before the first fetch
+                except _resp.ResponseError as e:
+                    # Never a reason not to consume: reserve.lua refreshes it too, and
+                    # the keeper retries (logging each failure).
+                    self.logger.error("Could not write this broker's heartbeat: %s", e)
                 self._keeper = _Keeper(self)
                 self._keeper.start()
             if self._listener is None:
@@ -702,7 +673,7 @@ class RedisBroker(Broker):
         the heartbeat expires and recovery returns what it holds)."""
         try:
             prefix = self._keys.acks(self.broker_id, "")
-            if not self._scan(_glob_escape(prefix) + "*"):
+            if not self._scan(glob_escape(prefix) + "*"):
                 self._execute("ZREM", self._keys.heartbeats, self.broker_id)
         except RedisConnectionClosed:
             self.logger.warning("Could not remove this broker's heartbeat: Redis is unreachable.")
@@ -754,7 +725,7 @@ class RedisBroker(Broker):
                 members = [_text(m) for m in _list(self._execute("SMEMBERS", key))]
                 stray = [rid for rid in members if rid not in known]
                 if stray:
-                    returned = _settle(self, "requeue", queue_name, stray)
+                    returned = _settle(self, Requeue, queue_name, stray)
                     stray_total += len(stray)
                     self.logger.warning(
                         "Returned %d messages of %r whose fetch reply was lost (%d were still "
@@ -766,8 +737,28 @@ class RedisBroker(Broker):
         return stray_total
 
     def heartbeat(self) -> None:
-        """Record that this process is alive (the keeper thread does it on a timer)."""
-        self._execute("ZADD", self._keys.heartbeats, _now(), self.broker_id)
+        """Record that this process is alive (the keeper thread does it on a timer).
+
+        ``heartbeat.lua`` runs at ``maxmemory`` too: a live worker never looks dead
+        because Redis is full.
+        """
+        self._run("heartbeat", (self._keys.heartbeats,), (_now(), self.broker_id))
+
+    def _stored_name(self, queue_name: str) -> str:
+        """Return ``queue_name`` if a message may be stored on it (checked once per
+        name: enqueue pays a set lookup).
+
+        Raises:
+            InvalidQueueName: it names a dead-letter queue or collides with a key of
+                Redis's layout (``__heartbeats__``, ``q.msgs``...).
+        """
+        if queue_name not in self._valid_names:
+            try:
+                policy.check_queue_name(queue_name, stored=True)
+            except InvalidValue as e:
+                raise InvalidQueueName(str(e)) from None
+            self._valid_names.add(queue_name)
+        return queue_name
 
     # -- declarations --------------------------------------------------------------------
 
@@ -778,13 +769,14 @@ class RedisBroker(Broker):
         consumers for both). Declaring twice is a no-op.
 
         Raises:
-            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
+            InvalidQueueName: ``queue_name`` names a dead-letter queue (``.XQ``) or
+                collides with a key of the broker (a `QueueNotFound` and a
+                ``ValueError``).
         """
         with self._declare_lock:
             if policy.q_name(queue_name) in self._declared.queues:
                 return
-            if queue_name.endswith(policy.DEAD_SUFFIX):
-                raise QueueNotFound(queue_name)
+            self._stored_name(queue_name)
             self._run_before(self._hooks.before_declare_queue, queue_name)
             step = apply(self._declared, DeclareQueue(queue_name))
             self._declared = step.state
@@ -818,12 +810,15 @@ class RedisBroker(Broker):
             The message as stored.
 
         Raises:
+            InvalidQueueName: its queue name collides with a key of the broker or
+                names a dead-letter queue (nothing was stored).
             ValueError: ``delay`` is not a whole number of ms >= 0.
             TypeError: it is not serialisable by the global encoder.
+            BrokerOutOfMemory: Redis is at ``maxmemory`` (nothing was stored).
             ConnectionClosed: Redis could not be reached (nothing was stored).
         """
         stored, payload = self._prepare(message, delay, _now())
-        name = stored.queue_name
+        name = self._stored_name(stored.queue_name)
         keys = self._keys
         self._run(
             "enqueue",
@@ -842,7 +837,9 @@ class RedisBroker(Broker):
             The messages as stored, in the order given.
 
         Raises:
-            ValueError, TypeError: as `enqueue`; nothing is stored.
+            InvalidQueueName, ValueError, TypeError: as `enqueue`; nothing is stored.
+            BrokerOutOfMemory: Redis is at ``maxmemory``. Chunks already stored stay
+                stored (each chunk is atomic).
             ConnectionClosed: Redis could not be reached. Chunks already stored stay
                 stored (each chunk is atomic).
         """
@@ -851,6 +848,8 @@ class RedisBroker(Broker):
         by_queue: dict[str, list[tuple[M, bytes]]] = {}
         for item in prepared:
             by_queue.setdefault(item[0].queue_name, []).append(item)
+        for name in by_queue:
+            self._stored_name(name)
         keys = self._keys
         script = self.scripts["enqueue"]
         # The script is loaded in the same round trip, so no EVALSHA can miss it.
@@ -891,14 +890,15 @@ class RedisBroker(Broker):
             timeout: ms ``next()`` waits before raising ``StopIteration``.
 
         Raises:
-            QueueNotFound: ``queue_name`` names a dead-letter queue.
+            InvalidQueueName: ``queue_name`` names a dead-letter queue or collides
+                with a key of the broker (a `QueueNotFound`).
             ValueError: ``prefetch`` < 1 or ``timeout`` < 0.
         """
-        if queue_name.endswith(policy.DEAD_SUFFIX):
-            raise QueueNotFound(queue_name)
+        self._stored_name(queue_name)
         check_consume_arguments(prefetch, timeout)
         self._start_threads()
-        return _RedisConsumer(self, queue_name, prefetch, timeout)
+        make = cast("type[_RedisConsumer]", self.consumer_class)  # typed as the base's
+        return make(self, queue_name, prefetch, timeout)
 
     # -- maintenance --------------------------------------------------------------------
 
@@ -906,73 +906,23 @@ class RedisBroker(Broker):
         """Run one recovery tick now (the keeper thread does it every
         ``requeue_interval`` ms).
 
-        Finds the workers whose heartbeat is older than ``heartbeat_timeout``,
-        returns what each held to the tail of its queue (dead-lettering messages
-        delivered ``max_deliveries`` times), drops their heartbeats, and expires dead
-        letters older than ``dead_message_ttl`` on the queues declared here.
+        The core decides, the Lua moves: `dq.core.policy.dead_consumers` finds the
+        workers whose heartbeat is older than ``heartbeat_timeout``; for what each
+        held (read and validated first), `dq.core.apply` of `dq.core.Recover`
+        decides whether it goes back to the tail of its queue with a new delivery
+        count or is dead-lettered (``max_deliveries``); ``recover.lua`` moves exactly
+        that, guarded. Then their heartbeats are dropped (once they hold nothing) and
+        dead letters older than ``dead_message_ttl`` expire on the queues declared
+        here. A key of the wrong type never stops a tick: it is logged, what it
+        concerns stays reachable, and the other keys are recovered
+        (`RecoveryReport.skipped`).
 
         Raises:
             ConnectionClosed: Redis could not be reached.
         """
-        keys = self._keys
         now = _now()
-        cutoff = now - self.heartbeat_timeout
-        dead = [
-            _text(worker)
-            for worker in _list(self._execute("ZRANGEBYSCORE", keys.heartbeats, "-inf", cutoff))
-        ]
-        dead = [worker for worker in dead if worker != self.broker_id]
-        requeued, dead_lettered, forgotten = 0, [], 0
-        for worker in dead:
-            prefix = keys.acks(worker, "")
-            found = self._scan(_glob_escape(prefix) + "*")
-            alive = False
-            for key in found:
-                queue_name = key[len(prefix) :]
-                canonical = not policy.is_delay_queue(queue_name)
-                reply = _list(
-                    self._run(
-                        "recover",
-                        (
-                            keys.heartbeats,
-                            key,
-                            keys.queue(queue_name),
-                            keys.msgs(queue_name),
-                            keys.deliveries(queue_name),
-                            keys.started(queue_name),
-                            keys.dead(queue_name),
-                            keys.dead_msgs(queue_name),
-                        ),
-                        (
-                            worker,
-                            cutoff,
-                            self.max_deliveries if canonical else 0,
-                            now,
-                            keys.channel(queue_name),
-                        ),
-                    )
-                )
-                if _int(reply[0]) < 0:
-                    alive = True
-                    break
-                requeued += _int(reply[0])
-                for rid in reply[1:]:
-                    dead_lettered.append(_text(rid))
-                    self.logger.error(
-                        "Dead-lettered message %s on %r: it was delivered %d times and its "
-                        "worker died each time before settling it.",
-                        _text(rid),
-                        queue_name,
-                        self.max_deliveries,
-                    )
-            if not alive and _int(self._run("forget", (keys.heartbeats,), (worker, cutoff))):
-                forgotten += 1
-        if requeued:
-            self.logger.warning(
-                "Recovered %d messages held by dead workers %s.", requeued, ", ".join(dead)
-            )
-        expired = self.expire_dead_letters(now)
-        return RecoveryReport(tuple(dead), requeued, tuple(dead_lettered), forgotten, expired)
+        report = _recover(self, now)
+        return attrs.evolve(report, expired=self.expire_dead_letters(now))
 
     def expire_dead_letters(self, now_ms: int | None = None) -> int:
         """Remove dead letters older than ``dead_message_ttl`` from the queues
@@ -984,8 +934,12 @@ class RedisBroker(Broker):
             while True:
                 count = _int(
                     self._run(
-                        "expire",
-                        (self._keys.dead(name), self._keys.dead_msgs(name)),
+                        "expire_dead_letters",
+                        (
+                            self._keys.dead(name),
+                            self._keys.dead_msgs(name),
+                            self._keys.reasons(name),
+                        ),
                         (cutoff, batch),
                     )
                 )
@@ -1007,12 +961,13 @@ class RedisBroker(Broker):
         keys = self._keys
         return _int(
             self._run(
-                "purge",
+                "flush",
                 (
                     keys.queue(queue_name),
                     keys.msgs(queue_name),
                     keys.dead(queue_name),
                     keys.dead_msgs(queue_name),
+                    keys.reasons(queue_name),
                 ),
                 (),
             )
@@ -1077,6 +1032,7 @@ class RedisBroker(Broker):
         return lambda *args: command(self, *args)
 
     def _do_enqueue(self, queue_name: str, rid: str, data: bytes) -> None:
+        self._stored_name(queue_name)
         keys = self._keys
         self._run(
             "enqueue",
@@ -1087,7 +1043,7 @@ class RedisBroker(Broker):
     def _do_fetch(self, queue_name: str, n: int) -> list[bytes]:
         keys = self._keys
         reply = self._run(
-            "fetch",
+            "reserve",
             (
                 keys.queue(queue_name),
                 keys.msgs(queue_name),
@@ -1099,7 +1055,7 @@ class RedisBroker(Broker):
         )
         return [_bytes(payload) for payload in _list(reply)[1::3]]
 
-    def _do_settle(self, command: str, queue_name: str, *ids: str) -> None:
+    def _do_settle(self, command: type[_commands.Command], queue_name: str, *ids: str) -> None:
         _settle(self, command, queue_name, list(ids))
 
     def _do_qsize(self, queue_name: str) -> int:
@@ -1137,19 +1093,27 @@ def _now() -> int:
     return runtime.get_clock().now_ms()
 
 
-def _settle(broker: RedisBroker, command: str, queue_name: str, rids: list[str]) -> int:
-    """Run ``ack``, ``nack`` or ``requeue`` for ids this broker holds on a queue."""
+def _settle(
+    broker: RedisBroker,
+    command: type[_commands.Command],
+    queue_name: str,
+    rids: list[str],
+    reason: DeathReason = DeathReason.NACKED,
+) -> int:
+    """Carry out ``command`` (`Ack`, `Nack` with ``reason`` or `Requeue`, a core
+    command type) for ids this broker holds on a queue, with its one script."""
     keys = broker._keys
     acks = keys.acks(broker.broker_id, queue_name)
-    if command == "ack":
+    name = _SETTLE_SCRIPTS[command]
+    if command is Ack:
         reply = broker._run(
-            "ack",
+            name,
             (acks, keys.msgs(queue_name), keys.deliveries(queue_name), keys.started(queue_name)),
             rids,
         )
-    elif command == "nack":
+    elif command is Nack:
         reply = broker._run(
-            "nack",
+            name,
             (
                 acks,
                 keys.msgs(queue_name),
@@ -1157,12 +1121,14 @@ def _settle(broker: RedisBroker, command: str, queue_name: str, rids: list[str])
                 keys.dead_msgs(queue_name),
                 keys.deliveries(queue_name),
                 keys.started(queue_name),
+                keys.reasons(queue_name),
             ),
-            [_now(), *rids],
+            # A plain nack is Dramatiq's dead letter: no reason is kept for it.
+            [_now(), "" if reason is DeathReason.NACKED else reason.value, *rids],
         )
     else:
         reply = broker._run(
-            "requeue",
+            name,
             (acks, keys.msgs(queue_name), keys.queue(queue_name)),
             [keys.channel(queue_name), *rids],
         )
@@ -1172,9 +1138,9 @@ def _settle(broker: RedisBroker, command: str, queue_name: str, rids: list[str])
 _DISPATCH: dict[str, Callable[..., Any]] = {
     "do_enqueue": RedisBroker._do_enqueue,
     "do_fetch": RedisBroker._do_fetch,
-    "do_ack": lambda b, q, rid: b._do_settle("ack", q, rid),
-    "do_nack": lambda b, q, rid: b._do_settle("nack", q, rid),
-    "do_requeue": lambda b, q, *rids: b._do_settle("requeue", q, *rids),
+    "do_ack": lambda b, q, rid: b._do_settle(Ack, q, rid),
+    "do_nack": lambda b, q, rid: b._do_settle(Nack, q, rid),
+    "do_requeue": lambda b, q, *rids: b._do_settle(Requeue, q, *rids),
     "do_purge": lambda b, q: b._purge(q),
     "do_qsize": RedisBroker._do_qsize,
 }
@@ -1201,6 +1167,7 @@ class _RedisConsumer(BufferedConsumer[str]):
         super().__init__(broker, queue_name, prefetch, timeout)
         self._room = threading.Condition(self._lock)  # prefetch room freed
         self._suspects: set[str] = set()  # recovered from dead workers before
+        self._broken_until = 0.0  # monotonic time before which no fetch is tried
         broker._consumers.add(self)
 
     def _known(self) -> set[str]:
@@ -1217,14 +1184,20 @@ class _RedisConsumer(BufferedConsumer[str]):
         return _rid(message)
 
     def _dead_letter(self, tag: str) -> None:
-        self._send("nack", [tag])
+        self._send(Nack, [tag], DeathReason.UNDECODABLE)
 
     def _send_ack_batch(self, batch: list[str]) -> None:
-        _settle(self.broker, "ack", self.queue_name, batch)
+        _settle(self.broker, Ack, self.queue_name, batch)
 
     def _room_freed(self) -> None:
         with self._room:
             self._room.notify_all()
+
+    def _forget(self, tags: list[str]) -> None:
+        if self._suspects:  # a settled suspect is no longer this consumer's concern
+            with self._lock:
+                self._suspects.difference_update(tags)
+        super()._forget(tags)
 
     def _fetch(self, deadline: float) -> bool:
         """Fill the buffer, waiting until ``deadline``; return whether it has items."""
@@ -1238,20 +1211,37 @@ class _RedisConsumer(BufferedConsumer[str]):
                         return False
                     self._room.wait(remaining)
                     room = self.prefetch - self._outstanding
+                pause = self._broken_until - time.monotonic()
+                if pause > 0:  # a key of the wrong type: back off, do not crash-loop
+                    self._room.wait(min(pause, max(0.0, deadline - time.monotonic())))
+                    if time.monotonic() >= deadline or self._closed:
+                        return False
+                    continue
             generation = broker._waker.generation(self.queue_name)
             limit = min(room, broker.max_unpack)
+            keys = (
+                broker._keys.queue(self.queue_name),
+                broker._keys.msgs(self.queue_name),
+                broker._keys.acks(broker.broker_id, self.queue_name),
+                broker._keys.heartbeats,
+                broker._keys.deliveries(self.queue_name),
+            )
             with broker._fetch_lock(self.queue_name):
-                reply = broker._run(
-                    "fetch",
-                    (
-                        broker._keys.queue(self.queue_name),
-                        broker._keys.msgs(self.queue_name),
-                        broker._keys.acks(broker.broker_id, self.queue_name),
-                        broker._keys.heartbeats,
-                        broker._keys.deliveries(self.queue_name),
-                    ),
-                    (limit, _now(), broker.broker_id),
-                )
+                try:
+                    reply = broker._run("reserve", keys, (limit, _now(), broker.broker_id))
+                except _resp.ResponseError as e:
+                    if not str(e).startswith("WRONGTYPE"):
+                        raise
+                    self._broken_until = time.monotonic() + _BROKEN_KEY_BACKOFF
+                    broker.logger.error(
+                        "Cannot reserve messages of %r: %s (keys %s); somebody else wrote "
+                        "that key. Retrying in %.0f s.",
+                        self.queue_name,
+                        e,
+                        ", ".join(keys[:3]),
+                        _BROKEN_KEY_BACKOFF,
+                    )
+                    continue
                 if reply:
                     with self._lock:
                         it = iter(_list(reply))
@@ -1272,31 +1262,50 @@ class _RedisConsumer(BufferedConsumer[str]):
             ):
                 return False  # no notification came in time
 
-    def _send(self, command: str, rids: list[str]) -> None:
-        """Settle ``rids`` now and free their prefetch slots."""
+    def _send(
+        self,
+        command: type[_commands.Command],
+        rids: list[str],
+        reason: DeathReason = DeathReason.NACKED,
+    ) -> None:
+        """Settle ``rids`` now (``command``: `Ack`, `Nack` or `Requeue`) and free their
+        prefetch slots."""
         try:
-            _settle(self.broker, command, self.queue_name, rids)
+            _settle(self.broker, command, self.queue_name, rids, reason)
         finally:
             self._forget(rids)
 
-    def started(self, message: MessageProxy, *, alone: bool = False) -> None:
-        """Record that a worker is about to run ``message``, if it is a suspect (it
-        was recovered from a dead worker before): if this process dies while running
-        it, recovery counts one more delivery towards ``max_deliveries``. Messages
-        that were never recovered cost nothing here.
+    def suspect(self, message: MessageProxy) -> bool:
+        """Whether a consumer died holding ``message`` before (its delivery count in
+        Redis is at least one, as the reserve script said): the worker then runs it
+        alone, so a death while it runs is charged to it alone."""
+        return bool(self._suspects) and _rid(message) in self._suspects
+
+    def started(self, message: MessageProxy, *, alone: bool) -> None:
+        """Record that ``message`` starts running (``alone``: nothing else runs in this
+        process meanwhile), if it is a suspect: its run mark (`dq.core.Start`, one
+        ``start.lua`` call). If this process dies while it runs alone, recovery
+        counts one more delivery towards ``max_deliveries``. Nothing is written for
+        other messages (no lock taken either).
 
         Raises:
             ConnectionClosed: Redis could not be reached.
         """
-        if not self._suspects:  # the common case: no lock taken per message
+        if not self._suspects:  # the common case: costs nothing
             return
         rid = _rid(message)
-        with self._lock:
-            if rid not in self._suspects:
-                return
-            self._suspects.discard(rid)
+        if rid not in self._suspects:
+            return
         broker = self.broker
-        broker._execute("HSET", broker._keys.started(self.queue_name), rid, broker.broker_id)
+        mark = broker.broker_id if alone else broker.broker_id + SHARED_MARK
+        broker._run(
+            "start",
+            (
+                broker._keys.acks(broker.broker_id, self.queue_name),
+                broker._keys.started(self.queue_name),
+            ),
+            (rid, mark),
+        )
 
     def nack(self, message: MessageProxy) -> None:
         """Dead-letter ``message``.
@@ -1304,13 +1313,13 @@ class _RedisConsumer(BufferedConsumer[str]):
         Raises:
             ConnectionClosed: Redis could not be reached (nothing changed).
         """
-        self._send("nack", [_rid(message)])
+        self._send(Nack, [_rid(message)], message.death_reason)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Return unprocessed ``messages`` to the tail of their queue, in one call."""
         rids = [_rid(message) for message in messages]
         if rids:
-            self._send("requeue", rids)
+            self._send(Requeue, rids)
 
     def promote(self, message: MessageProxy) -> Message[Any]:
         """Move a held delayed message to its canonical queue in one step.
@@ -1320,7 +1329,7 @@ class _RedisConsumer(BufferedConsumer[str]):
             ``redis_message_id``).
         """
         promoted = policy.promoted(message.message)
-        return self.replace(message, promoted, None, hooks=False)
+        return self._replace(message, promoted, None, hooks=False, script="promote")
 
     def replace(self, message: MessageProxy, new: M, delay: int | None, *, hooks: bool = True) -> M:
         """Store ``new`` (after ``delay`` ms) and ack ``message`` in one step.
@@ -1332,8 +1341,15 @@ class _RedisConsumer(BufferedConsumer[str]):
             ``new`` as stored.
 
         Raises:
+            BrokerOutOfMemory: Redis is at ``maxmemory`` (nothing changed).
             ConnectionClosed: Redis could not be reached (nothing changed).
         """
+        return self._replace(message, new, delay, hooks=hooks, script="replace")
+
+    def _replace(
+        self, message: MessageProxy, new: M, delay: int | None, *, hooks: bool, script: str
+    ) -> M:
+        """`replace` or `promote` (``script``) ``message`` with ``new``."""
         broker = self.broker
         old = _rid(message)
         if hooks:
@@ -1345,7 +1361,7 @@ class _RedisConsumer(BufferedConsumer[str]):
         name = stored.queue_name
         try:
             replaced = broker._run(
-                "replace",
+                script,
                 (
                     keys.acks(broker.broker_id, self.queue_name),
                     keys.msgs(self.queue_name),
@@ -1393,7 +1409,7 @@ class _RedisConsumer(BufferedConsumer[str]):
                     self._sending = True
                 self._send_acks()
             if rids:
-                self._send("requeue", rids)
+                self._send(Requeue, rids)
         except RedisConnectionClosed:
             self.broker.logger.warning(
                 "Could not return %d messages of %r: Redis is unreachable; this broker "
@@ -1402,8 +1418,8 @@ class _RedisConsumer(BufferedConsumer[str]):
                 self.queue_name,
             )
             with self.broker._orphans_lock:
-                self.broker._orphans.append((self.queue_name, "ack", list(self._acks)))
-                self.broker._orphans.append((self.queue_name, "requeue", rids))
+                self.broker._orphans.append((self.queue_name, Ack, list(self._acks)))
+                self.broker._orphans.append((self.queue_name, Requeue, rids))
                 self._acks.clear()
 
 

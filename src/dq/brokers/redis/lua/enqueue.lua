@@ -1,6 +1,8 @@
+#!lua
 -- Enqueue: store messages on one queue (or delay queue) and wake its consumers.
--- Core transition: Enqueue (one or many). Atomic: every message is in the hash
--- before its id is in the list, and all of them or none are stored.
+-- Core command: Enqueue (one or many). Atomic: every message is in the hash before
+-- its id is in the list, and all of them or none are stored. Without allow-oom, a
+-- server at maxmemory refuses the whole call before it runs (nothing is stored).
 --
 -- KEYS[1] ns:Q (list)   KEYS[2] ns:Q.msgs (hash)
 -- ARGV[1] notification channel, then ARGV[2..] = id1, payload1, id2, payload2, ...

@@ -1,8 +1,8 @@
--- Forget a dead worker: drop its heartbeat once its ack sets were recovered.
--- The caller found and recovered every ns:__acks__.D.* key first. Any process that
--- creates an ack set refreshes its heartbeat in the same step (dq's fetch and every
--- Dramatiq dispatch do), so if D's heartbeat is still at or below the cutoff, D made
--- no ack set since, and removing it orphans nothing.
+#!lua flags=allow-oom
+-- Forget a dead worker: drop its heartbeat once every ack set it had was emptied
+-- (part of Recover; the caller recovered every ns:__acks__.D.* key first and keeps
+-- the heartbeat while any of them still holds something). If D's heartbeat moved
+-- past the cutoff meanwhile, D is alive and nothing is removed.
 --
 -- KEYS[1] ns:__heartbeats__   ARGV[1] D   ARGV[2] cutoff (ms)
 local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
