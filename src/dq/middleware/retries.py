@@ -10,6 +10,7 @@ from dq import runtime
 from dq.core import policy
 from dq.errors import ActorNotFound, Retry
 from dq.logging import get_logger
+from dq.message import check_options
 from dq.middleware.middleware import Middleware
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ class Retries(Middleware):
         retry_when: ``retry_when(retries_so_far, exception)`` decides alone whether
             to retry, instead of ``max_retries``.
 
+    Raises:
+        ValueError: ``max_retries`` is not an integer >= 0 or None, or a backoff is
+            not a number of ms >= 0.
+
     Actor options: ``max_retries``, ``min_backoff``, ``max_backoff`` (message option,
     else actor option, else the constructor's value); ``retry_when`` (actor option,
     else the constructor's); ``throws`` (an exception class, or a tuple of them, that
@@ -72,6 +77,14 @@ class Retries(Middleware):
         self.max_retries = max_retries
         self.min_backoff = min_backoff or DEFAULT_MIN_BACKOFF
         self.max_backoff = max_backoff or DEFAULT_MAX_BACKOFF
+        check_options(
+            {
+                "max_retries": max_retries,
+                "min_backoff": self.min_backoff,
+                "max_backoff": self.max_backoff,
+            },
+            what="Retries settings",
+        )
         self.retry_when = retry_when
 
     @property
