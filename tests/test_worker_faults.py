@@ -268,7 +268,7 @@ def test_dramatiq_values_of_options_from_the_wire_still_run() -> None:
         ran.append(dict(message.options) if message is not None else {})
 
     broker.add_middleware(dq.middleware.CurrentMessage())
-    valid = [
+    valid: list[dict[str, Any]] = [
         {"time_limit": math.inf},  # no limit
         {"time_limit": 0},  # falls through to the actor's limit
         {"max_retries": None},  # unlimited
