@@ -982,3 +982,26 @@ def test_interrupting_middleware_warn_where_threads_cannot_be_interrupted(
     monkeypatch.setattr(dq.threading, "current_platform", "CPython")
     monkeypatch.setattr(dq.threading, "is_gevent_active", lambda: True)
     assert dq.threading.interrupt_problem() == "does not support gevent yet"
+
+
+@pytest.mark.parametrize(
+    ("build", "named"),
+    [
+        (lambda: Retries(max_retries=-1), "'max_retries'"),
+        (lambda: Retries(max_backoff=-100), "'max_backoff'"),
+        (lambda: Retries(min_backoff=-1), "'min_backoff'"),
+        (lambda: TimeLimit(time_limit="x"), "'time_limit'"),  # type: ignore[arg-type]  # the point
+        (lambda: TimeLimit(time_limit=-5), "'time_limit'"),
+        (lambda: AgeLimit(max_age=-1), "'max_age'"),
+    ],
+)
+def test_middleware_settings_are_checked_like_options(build: Any, named: str) -> None:
+    with pytest.raises(ValueError, match="settings") as raised:
+        build()
+    assert named in str(raised.value)
+
+
+def test_dramatiq_middleware_settings_are_accepted() -> None:
+    Retries(max_retries=None, min_backoff=0, max_backoff=0)
+    TimeLimit(time_limit=float("inf"))
+    AgeLimit(max_age=None)
