@@ -58,6 +58,8 @@ __all__ = [
     "QUEUE_PREFETCH",
     "WORKER_TIMEOUT",
     "ConsumerThread",
+    "ReplacementStored",
+    "RunGate",
     "Runner",
     "WorkQueue",
     "Worker",
