@@ -231,3 +231,50 @@ def test_a_single_threaded_worker_and_the_runner_report_every_message_alone() ->
     runner.run_until_idle()
     runner.close()
     assert broker.starts == [("d", True)]
+
+
+class Unsure(Suspecting):
+    """A consumer that cannot tell whether a message is a suspect, nor record starts."""
+
+    def suspect(self, message: MessageProxy) -> bool:
+        if str(message.args[0]).startswith("unsure"):
+            raise dq.ConnectionClosed("cannot tell")
+        return False
+
+    def started(self, message: MessageProxy, *, alone: bool) -> None:
+        super().started(message, alone=alone)
+        raise dq.ConnectionClosed("cannot record it")
+
+
+class UnsureBroker(SuspectingBroker):
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:
+        return Unsure(StubBroker.consume(self, queue_name, prefetch, timeout), self)
+
+
+def test_a_message_the_consumer_cannot_judge_runs_alone_and_a_failed_start_record_is_harmless(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = UnsureBroker()
+    dq.set_broker(broker)
+    timeline = Timeline()
+
+    @dq.actor
+    def work(tag: str) -> None:
+        timeline.enter(tag)
+        timeline.leave(tag)
+
+    tags = ["plain-0", "unsure", "plain-1", "plain-2"]
+    for tag in tags:
+        work.send(tag)
+    worker = start_worker(broker, threads=2)
+    try:
+        broker.join("default", timeout=10_000)
+        worker.join()
+    finally:
+        worker.stop(timeout=5000)
+    assert set(timeline.beside) == set(tags)  # every message ran, none failed
+    assert timeline.beside["unsure"] == set()
+    assert ("unsure", True) in broker.starts
+    assert broker.dead_letters == []
+    assert any("cannot tell" in r.getMessage() for r in caplog.records)
+    assert any("cannot record it" in r.getMessage() for r in caplog.records)
