@@ -36,8 +36,10 @@ class Retries(Middleware):
     A failed attempt records ``retries`` (incremented), ``traceback`` and
     ``requeue_timestamp`` on the message, then either enqueues the retry — a new
     message with the same id, delayed — or gives up and fails the message, which
-    dead-letters it. The retry is stored before the original is acked: if it cannot
-    be stored, the original is redelivered instead.
+    dead-letters it. The retry is stored before the original is acked. While the
+    broker is unreachable the worker keeps trying; if the broker refuses the retry
+    (a ``Retry(delay=...)`` past the year 9999...), the original is dead-lettered
+    instead, with ``death_reason`` `DeathReason.UNSTORABLE`.
 
     Without this middleware, failed messages are acked rather than dead-lettered;
     to stop retrying an actor, give it ``max_retries=0`` instead of removing it.
@@ -143,8 +145,8 @@ class Retries(Middleware):
             "Retrying message %r in %d milliseconds.", message.message_id, decision.delay_ms
         )
         # Stored when the worker settles the message: with its ack in one atomic step
-        # on brokers that can, else before the ack (and if it cannot be stored, the
-        # original is returned to its queue instead of being acked).
+        # on brokers that can, else before the ack (if the broker refuses it, the
+        # original is dead-lettered instead of being acked: DeathReason.UNSTORABLE).
         message.replace_with(retry, delay=decision.delay_ms)
 
     def _decide(
