@@ -1005,3 +1005,15 @@ def test_dramatiq_middleware_settings_are_accepted() -> None:
     Retries(max_retries=None, min_backoff=0, max_backoff=0)
     TimeLimit(time_limit=float("inf"))
     AgeLimit(max_age=None)
+
+
+def test_an_actor_time_limit_of_none_means_the_default(clock: FixedClock) -> None:
+    middleware = TimeLimit(time_limit=1000, interval=10)
+    broker = StubBroker(middleware=[middleware])
+
+    @dq.actor(broker=broker, time_limit=None)
+    def unset() -> None: ...
+
+    unset.send()
+    broker.emit_before("process_message", deliver(broker))
+    assert middleware._deadlines == {threading.get_ident(): NOW + 1000}

@@ -100,6 +100,8 @@ class TimeLimit(Middleware):
         limit = current.options.get("time_limit") or actor.options.get(
             "time_limit", self.time_limit
         )
+        if limit is None:  # an actor's time_limit=None: the default (option_problem allows it)
+            limit = self.time_limit
         deadline = policy.time_limit_deadline_ms(runtime._clock.now_ms(), limit)
         thread_id = get_ident()
         with self._lock:
