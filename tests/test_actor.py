@@ -216,3 +216,82 @@ def test_generic_actor(stub_broker: StubBroker) -> None:
 
     with pytest.raises(NotImplementedError):
         NoPerform()
+
+
+# -- option values are checked at the boundary (issue 16) -----------------------------------
+
+
+@pytest.fixture
+def default_broker(stub_broker: StubBroker) -> StubBroker:
+    """A StubBroker with the default middleware (their options are known), global."""
+    broker = StubBroker()
+    dq.set_broker(broker)
+    return broker
+
+
+BAD_OPTIONS = [
+    ("time_limit", "x", "a number of ms > 0"),
+    ("max_retries", -1, "an integer >= 0"),
+    ("max_retries", 2.5, "an integer >= 0"),
+    ("max_backoff", -100, "a number of ms >= 0"),
+    ("min_backoff", float("nan"), "a number of ms >= 0"),
+    ("max_age", "old", "a number of ms >= 0"),
+    ("notify_shutdown", "yes", "true or false"),
+    ("retries", -3, "an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), BAD_OPTIONS)
+def test_send_with_options_refuses_a_bad_option_value_naming_it(
+    default_broker: StubBroker, key: str, value: Any, expected: str
+) -> None:
+    @dq.actor
+    def f() -> None: ...
+
+    options: dict[str, Any] = {key: value}
+    for build in (f.send_with_options, f.message_with_options):
+        with pytest.raises(ValueError, match="actor 'f'") as raised:
+            build(**options)
+        text = str(raised.value)
+        assert repr(key) in text and repr(value) in text and expected in text
+    assert default_broker.queues["default"].qsize() == 0  # nothing was sent
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), BAD_OPTIONS)
+def test_an_actor_declared_with_a_bad_option_value_is_refused(
+    default_broker: StubBroker, key: str, value: Any, expected: str
+) -> None:
+    options: dict[str, Any] = {key: value}
+    with pytest.raises(ValueError, match="options of actor 'f'") as raised:
+
+        @dq.actor(**options)
+        def f() -> None: ...
+
+    text = str(raised.value)
+    assert repr(key) in text and repr(value) in text and expected in text
+    assert "f" not in default_broker.actors
+
+
+def test_dramatiq_option_values_are_accepted(default_broker: StubBroker) -> None:
+    # What Dramatiq gives a meaning, including the values the core's rule does not
+    # list: an infinite limit is none, a falsy message value falls through.
+    valid: dict[str, Any] = {
+        "time_limit": float("inf"),
+        "max_age": None,
+        "max_retries": None,
+        "min_backoff": 0,
+        "max_backoff": float("inf"),
+        "notify_shutdown": None,
+        "retry_when": lambda retries, exc: False,
+        "throws": (KeyError,),
+    }
+
+    @dq.actor(**valid)
+    def f() -> None: ...
+
+    @dq.actor(time_limit=0, max_retries=0, max_age=0, min_backoff=10.5, max_backoff=0)
+    def g() -> None: ...
+
+    f.send_with_options(time_limit=0, max_retries=3, notify_shutdown=True, eta=None)
+    g.send_with_options(time_limit=1.5, max_age=float("inf"), custom_option="anything")
+    assert default_broker.queues["default"].qsize() == 2

@@ -26,6 +26,7 @@ from dq import Message, MessageProxy, Retry, runtime
 from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
 from dq.composition import pipeline
+from dq.core import DeathReason
 from dq.errors import BrokerConnectionError, QueueNotFound
 from dq.middleware import (
     AgeLimit,
@@ -42,7 +43,7 @@ from dq.middleware import (
     TimeLimitExceeded,
 )
 from dq.middleware.retries import DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF
-from dq.worker import settle
+from dq.worker import settle_or_dead_letter
 
 NOW = 1_700_000_000_000
 
@@ -158,7 +159,7 @@ def process(broker: dq.Broker, proxy: MessageProxy) -> tuple[Any, BaseException 
             broker.emit_after("process_message", proxy, result=result)
     consumer = _consumers.pop(id(proxy), None)
     if consumer is not None:
-        settle(broker, consumer, proxy)
+        settle_or_dead_letter(broker, consumer, proxy)
     return result, exception
 
 
@@ -511,7 +512,7 @@ class FlakyBroker(StubBroker):
         return super().enqueue(message, delay=delay)
 
 
-def test_a_retry_that_cannot_be_stored_returns_the_original_to_its_queue(
+def test_a_retry_that_cannot_be_stored_dead_letters_the_original_with_the_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     retries = Retries()
@@ -522,10 +523,16 @@ def test_a_retry_that_cannot_be_stored_returns_the_original_to_its_queue(
         _, exc = process(broker, proxy)  # the retry cannot be stored: does not raise
     assert isinstance(exc, ValueError)
     assert proxy.replacement is not None  # Retries asked for a retry...
-    assert not proxy.failed
-    assert proxy.message_id in caplog.text
     assert broker.queues["default.DQ"].qsize() == 0  # ...which was not stored,
-    assert broker.queues["default"].qsize() == 1  # so the original is back, not acked
+    # so the original is dead-lettered, with the reason, rather than held or requeued.
+    assert proxy.failed
+    assert proxy.death_reason is DeathReason.UNSTORABLE
+    assert broker.dead_letters == [proxy]
+    assert broker.queues["default"].qsize() == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert proxy.message_id in line and "'failing'" in line
+    assert "Dead-lettering" in line and "the broker went away" in line
+    assert "redeliver" not in line
 
 
 def test_a_failing_retry_when_fails_the_message_instead_of_losing_it(
@@ -975,3 +982,38 @@ def test_interrupting_middleware_warn_where_threads_cannot_be_interrupted(
     monkeypatch.setattr(dq.threading, "current_platform", "CPython")
     monkeypatch.setattr(dq.threading, "is_gevent_active", lambda: True)
     assert dq.threading.interrupt_problem() == "does not support gevent yet"
+
+
+@pytest.mark.parametrize(
+    ("build", "named"),
+    [
+        (lambda: Retries(max_retries=-1), "'max_retries'"),
+        (lambda: Retries(max_backoff=-100), "'max_backoff'"),
+        (lambda: Retries(min_backoff=-1), "'min_backoff'"),
+        (lambda: TimeLimit(time_limit="x"), "'time_limit'"),  # type: ignore[arg-type]  # the point
+        (lambda: TimeLimit(time_limit=-5), "'time_limit'"),
+        (lambda: AgeLimit(max_age=-1), "'max_age'"),
+    ],
+)
+def test_middleware_settings_are_checked_like_options(build: Any, named: str) -> None:
+    with pytest.raises(ValueError, match="settings") as raised:
+        build()
+    assert named in str(raised.value)
+
+
+def test_dramatiq_middleware_settings_are_accepted() -> None:
+    Retries(max_retries=None, min_backoff=0, max_backoff=0)
+    TimeLimit(time_limit=float("inf"))
+    AgeLimit(max_age=None)
+
+
+def test_an_actor_time_limit_of_none_means_the_default(clock: FixedClock) -> None:
+    middleware = TimeLimit(time_limit=1000, interval=10)
+    broker = StubBroker(middleware=[middleware])
+
+    @dq.actor(broker=broker, time_limit=None)
+    def unset() -> None: ...
+
+    unset.send()
+    broker.emit_before("process_message", deliver(broker))
+    assert middleware._deadlines == {threading.get_ident(): NOW + 1000}

@@ -129,3 +129,29 @@ def test_runner_respects_priority_and_returns_unprocessed_messages(clock: FakeCl
     assert broker.queues["default"].qsize() == 2
     assert Runner(broker).run_until_idle() == 2
     assert order == ["high", "low", "low"]
+
+
+def test_a_retry_that_cannot_be_stored_is_dead_lettered_in_one_step(clock: FakeClock) -> None:
+    # It used to be returned to its queue, to fail and be returned again, forever.
+    broker = StubBroker()
+    ran: list[str] = []
+
+    @dq.actor(broker=broker)
+    def doomed() -> None:
+        ran.append("doomed")
+        raise dq.Retry(delay=10**20)  # an eta past the year 9999: the broker refuses it
+
+    @dq.actor(broker=broker)
+    def fine() -> None:
+        ran.append("fine")
+
+    doomed.send()
+    fine.send()
+    runner = Runner(broker)
+    assert runner.run_until_idle(max_steps=10) == 2
+    assert ran == ["doomed", "fine"]
+    (dead,) = broker.dead_letters
+    assert dead.actor_name == "doomed"
+    assert dead.death_reason is dq.core.DeathReason.UNSTORABLE
+    broker.join("default", timeout=0, fail_fast=False)
+    runner.close()

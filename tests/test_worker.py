@@ -298,16 +298,25 @@ def test_join_fails_fast_with_the_actors_exception_once_retries_are_exhausted() 
 
 
 class RefusesDelays(StubBroker):
-    """A broker that cannot store delayed messages (so no retry can be stored)."""
+    """A broker whose delay queue is unreachable for the first ``outage`` attempts."""
+
+    def __init__(self, outage: int) -> None:
+        super().__init__()
+        self.outage = outage
+        self.refused = 0
 
     def enqueue(self, message: Any, *, delay: int | None = None) -> Any:
-        if delay is not None:
+        if delay is not None and self.refused < self.outage:
+            self.refused += 1
             raise dq.ConnectionClosed("the delay queue is unreachable")
         return super().enqueue(message, delay=delay)
 
 
-def test_a_retry_that_cannot_be_stored_leaves_the_original_unacked() -> None:
-    broker = RefusesDelays()
+def test_a_retry_not_stored_for_want_of_a_connection_is_stored_once_the_broker_is_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.01)
+    broker = RefusesDelays(outage=3)
     dq.set_broker(broker)
     attempts: list[int] = []
 
@@ -321,13 +330,19 @@ def test_a_retry_that_cannot_be_stored_leaves_the_original_unacked() -> None:
     worker = Worker(broker, worker_timeout=20, worker_threads=1)
     worker.start()
     try:
-        # The retry could not be stored, so the original was requeued, not acked, and
-        # ran again: nothing was lost.
+        # The original stays unacked while its retry cannot be stored; the retry is
+        # stored once the broker is back, and runs: nothing was lost or dead-lettered.
         broker.join("default", timeout=5000)
+        worker.join()
     finally:
         worker.stop()
+    assert broker.refused == 3
     assert len(attempts) == 2
     assert broker.dead_letters == []
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 3
+    # The error's own text, not a guess about the broker.
+    assert all("the delay queue is unreachable" in line for line in retries)
 
 
 def test_equal_priorities_from_two_queues_never_compare_messages(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ca
 from dq.broker import _register_floating
 from dq.core import policy
 from dq.logging import get_logger
-from dq.message import Message
+from dq.message import Message, check_options
 
 if TYPE_CHECKING:
     from dq.broker import Broker
@@ -59,6 +59,7 @@ class Actor(Generic[P, R]):
             raise ValueError(f"actor_name must be a non-empty string, got {actor_name!r}")
         if not _is_int(priority):
             raise ValueError(f"priority must be an int, got {priority!r}")
+        check_options(options, what=f"options of actor {actor_name!r}")
         self.logger = get_logger(getattr(fn, "__module__", None) or "_", actor_name)
         self.is_async = inspect.iscoroutinefunction(fn)
         #: The function workers call: coroutine functions are wrapped to run on the
@@ -130,6 +131,9 @@ class Actor(Generic[P, R]):
 
         Raises:
             TypeError: ``on_success`` / ``on_failure`` is neither an actor, a name nor None.
+            ValueError: an option has a value dq cannot honour (``time_limit="x"``,
+                ``max_retries=-1``, ``max_backoff=-100``...); the error names the
+                option, the value and what was expected.
         """
         for name in _CALLBACK_OPTIONS:
             callback = options.get(name)
@@ -137,6 +141,7 @@ class Actor(Generic[P, R]):
                 options[name] = callback.actor_name
             elif callback is not None and not isinstance(callback, str):
                 raise TypeError(f"{name} value must be an Actor or an actor name, got {callback!r}")
+        check_options(options, what=f"options of a message of actor {self.actor_name!r}")
         return Message(self.queue_name, self.actor_name, args, kwargs, options)
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> Message[R]:
@@ -185,6 +190,10 @@ class Actor(Generic[P, R]):
 
         Returns:
             The message as stored (when delayed, on ``<queue>.DQ`` with an ``eta``).
+
+        Raises:
+            ValueError: an option has a value dq cannot honour (see
+                `message_with_options`); nothing is sent.
         """
         if isinstance(delay, timedelta):
             delay = int(delay.total_seconds() * 1000)
@@ -276,7 +285,8 @@ def actor(
         options: actor options (``max_retries=3``, …).
 
     Raises:
-        ValueError: a bad queue name (checked first), or an unknown option.
+        ValueError: a bad queue name (checked first), an unknown option, or an
+            option value dq cannot honour (``max_retries=-1``...).
     """
     problem = policy.queue_name_problem(queue_name)
     if problem is not None:

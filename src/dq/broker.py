@@ -443,7 +443,7 @@ class MessageProxy:
 
     def redeliver(self) -> None:
         """Ask the worker to return this message to its queue instead of settling it
-        (for example, because its replacement could not be stored)."""
+        (for example, because the next pipeline step could not be enqueued)."""
         self._redeliver = True
 
     def replace_with(self, message: Message[Any], *, delay: int | None = None) -> None:
@@ -451,8 +451,9 @@ class MessageProxy:
         when it settles it as done (a retry).
 
         The replacement is stored before this message is acked — in the same atomic
-        step when the consumer can (``replace``), else by an enqueue then the ack. If it
-        cannot be stored, this message is not acked: it is returned to its queue.
+        step when the consumer can (``replace``), else by an enqueue then the ack. While
+        the broker is unreachable, the worker tries again; if the broker refuses it, this
+        message is dead-lettered instead (``death_reason`` `DeathReason.UNSTORABLE`).
         """
         self._replacement = (message, delay)
 

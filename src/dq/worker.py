@@ -6,8 +6,19 @@ and put ready ones on one in-memory priority queue (lower actor ``priority`` fir
 arrival order among equals); delayed ones are held in memory until their eta and
 then promoted to their canonical queue (atomically, when the consumer can). Worker
 threads run the actors and settle each message directly on its consumer: ack after
-success, nack when a middleware failed the message, requeue when a middleware asked
-for redelivery because what replaces the message could not be stored.
+success (storing first the retry a middleware asked for), nack when a middleware
+failed the message, requeue when a middleware asked for redelivery.
+
+Messages that cannot run are dead-lettered, each with its reason
+(`MessageProxy.death_reason`): an invalid ``eta`` (`DeathReason.BAD_ETA`, by the
+consumer thread, which goes on with the others), an option value dq cannot honour
+(`DeathReason.BAD_OPTIONS`, before its actor runs), and a settlement that cannot be
+stored for any reason but the connection, such as a retry the broker refuses
+(`DeathReason.UNSTORABLE`; this frees the message's prefetch slot). Only while the
+broker is unreachable does a worker thread keep trying to settle a message.
+
+A message its consumer suspects (`Consumer.suspect`: a worker died holding it)
+runs alone: no other message of the worker runs meanwhile (`RunGate`).
 
 `process_message` is the processing of one message, shared with single-threaded
 runtimes (`dq.runtime.Runner`).
@@ -28,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast, runtime_checka
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.common import getenv_int
-from dq.core import InvalidValue, policy
+from dq.core import DeathReason, InvalidValue, policy
 from dq.errors import ActorNotFound, BrokerConnectionError, RateLimitExceeded, Retry
 from dq.logging import get_logger
+from dq.message import CHECKED_OPTIONS, options_problem
 from dq.middleware import Middleware, MiddlewareError, SkipMessage
 
 _allocate_lock = threading.Lock
@@ -46,6 +58,8 @@ __all__ = [
     "QUEUE_PREFETCH",
     "WORKER_TIMEOUT",
     "ConsumerThread",
+    "ReplacementStored",
+    "RunGate",
     "Runner",
     "WorkQueue",
     "Worker",
@@ -137,6 +151,11 @@ def process_message(
     `settle` decides what the consumer does with it. An exception raised by the actor
     is stored on the proxy, logged as Dramatiq logs it, and passed to the
     ``after_process_message`` hooks; it never escapes.
+
+    A message for an unknown actor, or with an option value dq cannot honour (it
+    came from the wire: `dq.message.option_problem`), is failed without running
+    (the latter with ``death_reason`` `DeathReason.BAD_OPTIONS`), so `settle`
+    dead-letters it.
     """
     hooks = broker._hooks
     try:
@@ -150,6 +169,21 @@ def process_message(
         message.stuff_exception(e)
         message.fail()
         return
+    options = message._message.options
+    if options and not CHECKED_OPTIONS.isdisjoint(options):
+        problem = options_problem(options)
+        if problem is not None:
+            # From the wire (a foreign producer): dq's own sends refuse such values.
+            logger.error(
+                "Dead-lettering message %s (actor %r) without running it: %s.",
+                message.message_id,
+                message.actor_name,
+                problem,
+            )
+            message.stuff_exception(ValueError(problem))
+            message.death_reason = DeathReason.BAD_OPTIONS
+            message.fail()
+            return
     # The hooks are called here rather than through Broker._run_before/_run_after
     # (same order, same error handling): this runs for every message.
     before = hooks.before_process_message
@@ -214,31 +248,94 @@ def _log_failure(
         )
 
 
-@runtime_checkable
-class _Starting(Protocol):
-    def started(self, message: MessageProxy, *, alone: bool) -> None: ...
+#: What a consumer class adds to `Consumer`'s defaults, as bit flags (see _capabilities).
+_SUSPECTS = 1  # it overrides `Consumer.suspect`: some of its messages may have to run alone
+_STARTS = 2  # it overrides `Consumer.started`: it records when messages start
+
+#: Consumer class -> its capability flags (computed once per class).
+_CAPABILITIES: dict[type, int] = {}
+
+
+def _capabilities(kind: type) -> int:
+    """Return the capability flags of a consumer class (cached: this runs per message)."""
+    flags = _CAPABILITIES.get(kind)
+    if flags is None:
+        flags = 0
+        if getattr(kind, "suspect", Consumer.suspect) is not Consumer.suspect:
+            flags |= _SUSPECTS
+        if getattr(kind, "started", Consumer.started) is not Consumer.started:
+            flags |= _STARTS
+        _CAPABILITIES[kind] = flags
+    return flags
+
+
+def is_suspect(consumer: Consumer, message: MessageProxy, logger: logging.Logger = _logger) -> bool:
+    """Return whether ``message`` must run alone (`Consumer.suspect`).
+
+    A consumer that cannot tell (its check failed) gets the safe answer: alone.
+    """
+    if not _capabilities(type(consumer)) & _SUSPECTS:
+        return False
+    try:
+        return bool(consumer.suspect(message))
+    except Exception as e:
+        logger.warning(
+            "Could not tell whether message %s (actor %r) is a suspect (%s); running it alone.",
+            message.message_id,
+            message.actor_name,
+            e,
+        )
+        return True
 
 
 def mark_started(
-    consumer: Consumer, message: MessageProxy, logger: logging.Logger = _logger
+    consumer: Consumer,
+    message: MessageProxy,
+    logger: logging.Logger = _logger,
+    *,
+    alone: bool = False,
 ) -> None:
-    """Tell a consumer that can track it (Redis) that ``message`` starts running now,
-    so a message that kills its process is recognised (``max_deliveries``)."""
-    if _implements(type(consumer), _Starting):  # cached: this runs for every message
-        try:
-            cast("_Starting", consumer).started(message, alone=False)
-        except BrokerConnectionError:
-            logger.warning("Could not record that message %s started.", message.message_id)
+    """Tell a consumer that tracks it that ``message`` starts running now
+    (`Consumer.started`), so that a message that kills its process is recognised
+    (``max_deliveries``).
+
+    Args:
+        consumer: the message's consumer.
+        message: the message.
+        logger: where a failure is logged.
+        alone: nothing else runs in this worker until ``message`` is settled.
+
+    A failure to record the start is logged and the message runs anyway: the record
+    only serves the delivery cap.
+    """
+    if not _capabilities(type(consumer)) & _STARTS:
+        return
+    try:
+        consumer.started(message, alone=alone)
+    except Exception as e:
+        logger.warning(
+            "Could not record that message %s (actor %r) started: %s.",
+            message.message_id,
+            message.actor_name,
+            e,
+        )
 
 
 def settle(broker: Broker, consumer: Consumer, message: MessageProxy) -> None:
     """Settle a processed message on its consumer, with the ack/nack hooks.
 
-    Requeue when a middleware asked for redelivery, nack when it failed the message,
-    ack otherwise.
+    Requeue when a middleware asked for redelivery, nack when it failed the message
+    (it is dead-lettered with its ``death_reason``), ack otherwise — after storing
+    the replacement a middleware asked for (a retry): in one step with the ack when
+    the consumer can (``replace``), else by an enqueue and then the ack. Nothing is
+    acked before its replacement is stored.
 
     Raises:
-        BrokerConnectionError: the broker could not be reached (nothing was settled).
+        BrokerConnectionError: the broker could not be reached (`ReplacementStored`
+            when only the ack after a stored replacement is missing).
+        Exception: the settlement could not be stored for another reason (a retry
+            the broker refuses, ...): use `settle_or_dead_letter` to dead-letter the
+            message then.
     """
     hooks = broker._hooks
     # The proxy's flags, read directly (redelivery_requested, failed, replacement).
@@ -254,10 +351,128 @@ def settle(broker: Broker, consumer: Consumer, message: MessageProxy) -> None:
         replacement = message._replacement
         if replacement is None:
             consumer.ack(message)
-        elif not _replace(broker, consumer, message, *replacement):
-            return
+        else:
+            _replace(broker, consumer, message, *replacement)
         if hooks.after_ack:
             broker._run_after(hooks.after_ack, message)
+
+
+def ack_stored(broker: Broker, consumer: Consumer, message: MessageProxy) -> None:
+    """Finish a settlement whose replacement was stored: ack, then the after-ack hooks
+    (after `ReplacementStored`).
+
+    Raises:
+        BrokerConnectionError: the broker could not be reached.
+    """
+    consumer.ack(message)
+    if broker._hooks.after_ack:
+        broker._run_after(broker._hooks.after_ack, message)
+
+
+def settle_or_dead_letter(
+    broker: Broker, consumer: Consumer, message: MessageProxy, logger: logging.Logger = _logger
+) -> None:
+    """`settle` the message; if what settling must store cannot be stored for any
+    reason but the connection, dead-letter it instead (`dead_letter_unstorable`).
+
+    Raises:
+        BrokerConnectionError: the broker could not be reached; nothing was settled
+            (`ReplacementStored`: all but the ack). Try again later.
+    """
+    try:
+        settle(broker, consumer, message)
+    except BrokerConnectionError:
+        raise
+    except Exception as e:
+        dead_letter_unstorable(broker, consumer, message, e, logger)
+
+
+def dead_letter_unstorable(
+    broker: Broker,
+    consumer: Consumer,
+    message: MessageProxy,
+    error: Exception,
+    logger: logging.Logger = _logger,
+) -> None:
+    """Dead-letter a message whose settlement could not be stored for a reason other
+    than the connection (``error``: a retry whose delay the broker refuses...), with
+    ``death_reason`` `DeathReason.UNSTORABLE`, which frees its consumer's slot; log
+    which message, that it is dead-lettered, and why.
+
+    When the failed settlement was a dead-lettering already, only the failure is
+    logged: the consumer keeps the message until it closes.
+
+    Raises:
+        BrokerConnectionError: the broker could not be reached (nothing changed).
+    """
+    if message._failed and not message._redeliver:
+        logger.error(
+            "Could not dead-letter message %s (actor %r): %s. Its consumer keeps it "
+            "until it closes, and it is then returned to its queue.",
+            message.message_id,
+            message.actor_name,
+            error,
+            exc_info=error,
+        )
+        return
+    what = (
+        "it could not be returned to its queue"
+        if message._redeliver
+        else "what replaces it (a retry) could not be stored"
+        if message._replacement is not None
+        else "it could not be acked"
+    )
+    logger.error(
+        "Dead-lettering message %s (actor %r): %s: %s",
+        message.message_id,
+        message.actor_name,
+        what,
+        error,
+        exc_info=error,
+    )
+    if message._exception is None:
+        message.stuff_exception(error)
+    dead_letter(broker, consumer, message, DeathReason.UNSTORABLE, logger)
+
+
+def dead_letter(
+    broker: Broker,
+    consumer: Consumer,
+    message: MessageProxy,
+    reason: DeathReason,
+    logger: logging.Logger = _logger,
+) -> None:
+    """Fail ``message`` and nack it, with the nack hooks, giving ``reason`` to the
+    consumer (``message.death_reason``).
+
+    Raises:
+        BrokerConnectionError: the broker could not be reached (nothing changed).
+    """
+    message.death_reason = reason
+    message._redeliver = False
+    message.fail()
+    hooks = broker._hooks
+    broker._run_before(hooks.before_nack, message)
+    try:
+        consumer.nack(message)
+    except BrokerConnectionError:
+        raise
+    except Exception as e:
+        logger.error(
+            "Could not dead-letter message %s (actor %r): %s. Its consumer keeps it until "
+            "it closes, and it is then returned to its queue.",
+            message.message_id,
+            message.actor_name,
+            e,
+            exc_info=True,
+        )
+        return
+    broker._run_after(hooks.after_nack, message)
+
+
+class ReplacementStored(BrokerConnectionError):
+    """The replacement of a message was stored, and acking the message then failed
+    for want of a connection: only the ack is left to do (`ack_stored`)."""
 
 
 @runtime_checkable
@@ -271,23 +486,23 @@ def _can_replace(consumer: Consumer) -> TypeGuard[_Replacing]:
 
 def _replace(
     broker: Broker, consumer: Consumer, message: MessageProxy, new: Message[Any], delay: int | None
-) -> bool:
-    """Store ``new`` and ack ``message``; return False if ``new`` could not be stored
-    (then ``message`` was returned to its queue instead)."""
+) -> None:
+    """Store ``new`` and ack ``message``: in one atomic step when the consumer can,
+    else by an enqueue, then the ack.
+
+    Raises:
+        ReplacementStored: ``new`` is stored; the ack failed for want of a connection.
+        BrokerConnectionError: nothing was stored (no connection).
+        Exception: ``new`` cannot be stored (the broker refuses it); nothing was.
+    """
     if _can_replace(consumer):
         consumer.replace(message, new, delay)  # one atomic step
-        return True
+        return
+    broker.enqueue(new, delay=delay)
     try:
-        broker.enqueue(new, delay=delay)
-    except Exception:
-        _logger.exception(
-            "Could not store the replacement of message %s; returning it to its queue.",
-            message.message_id,
-        )
-        consumer.requeue([message])  # if this fails too, the worker retries settling
-        return False
-    consumer.ack(message)
-    return True
+        consumer.ack(message)
+    except BrokerConnectionError as e:
+        raise ReplacementStored(str(e)) from e
 
 
 # -- threads ------------------------------------------------------------------------------
@@ -606,15 +821,23 @@ class ConsumerThread(_Pausable):
             else:
                 try:
                     eta_ms = policy.message_eta_ms(message.message)
-                except InvalidValue:
-                    self.logger.warning(
-                        "Message %s has an invalid eta %r; running it now.",
+                except InvalidValue as e:
+                    # NaN, infinite, a string... (a foreign producer, a raw write): it
+                    # can never come due. Dead-letter it (handle_delayed_messages, at
+                    # once), and go on with the others.
+                    self.logger.error(
+                        "Dead-lettering message %s (actor %r) of %r: %s.",
                         message.message_id,
-                        eta,
+                        message.actor_name,
+                        self.queue_name,
+                        e,
                     )
+                    message.stuff_exception(e)
+                    message.death_reason = DeathReason.BAD_ETA
                     eta_ms = runtime.get_clock().now_ms()
-                assert eta_ms is not None
-                self.broker._run_before(self.broker._hooks.before_delay_message, message)
+                else:
+                    assert eta_ms is not None
+                    self.broker._run_before(self.broker._hooks.before_delay_message, message)
                 heapq.heappush(self.delay_queue, (eta_ms, next(self._order), message))
                 return
         try:
@@ -632,17 +855,40 @@ class ConsumerThread(_Pausable):
             self.work_queue.put(priority, message, consumer)
 
     def handle_delayed_messages(self) -> None:
-        """Promote every held message whose eta has passed, oldest eta first."""
+        """Promote every held message whose eta has passed, oldest eta first, and
+        dead-letter those whose eta is invalid (`DeathReason.BAD_ETA`)."""
         consumer = self.consumer
         assert consumer is not None
         now = runtime.get_clock().now_ms()
         while self.delay_queue and self.delay_queue[0][0] <= now:
             _, _, message = heapq.heappop(self.delay_queue)
             try:
-                self._promote(consumer, message)
+                if message.death_reason is DeathReason.BAD_ETA:
+                    dead_letter(self.broker, consumer, message, DeathReason.BAD_ETA, self.logger)
+                else:
+                    self._promote(consumer, message)
             except BrokerConnectionError:
                 heapq.heappush(self.delay_queue, (now, next(self._order), message))
                 raise
+            except Exception as e:
+                # One message the broker refuses to move must not stop the others (nor
+                # restart this thread, which would bring it back): dead-letter it.
+                self.logger.error(
+                    "Dead-lettering message %s (actor %r) of %r: it could not be moved "
+                    "to its queue: %s",
+                    message.message_id,
+                    message.actor_name,
+                    self.queue_name,
+                    e,
+                    exc_info=e,
+                )
+                if message._exception is None:
+                    message.stuff_exception(e)
+                try:
+                    dead_letter(self.broker, consumer, message, DeathReason.UNSTORABLE, self.logger)
+                except BrokerConnectionError:
+                    heapq.heappush(self.delay_queue, (now, next(self._order), message))
+                    raise
 
     def _promote(self, consumer: Consumer, message: MessageProxy) -> None:
         if _can_promote(consumer) and policy.is_delay_queue(message.queue_name):
@@ -679,8 +925,85 @@ class ConsumerThread(_Pausable):
             self.consumer = None
 
 
+class RunGate:
+    """Lets a suspect message run alone among a worker's threads.
+
+    A reader-writer gate: ordinary messages share it, a suspect (`Consumer.suspect`)
+    takes it exclusively. A suspect waits until the messages running finish, and
+    ordinary messages that arrive meanwhile wait until it is done; suspects run one
+    at a time. While no suspect waits or runs, an ordinary message only sets its
+    thread's ``busy`` flag and reads `waiting` (no lock): a suspect first counts
+    itself in `waiting`, then looks at the flags, so one of the two always sees the
+    other (the interpreter orders these reads and writes).
+
+    Args:
+        threads: the worker threads (the list is read whenever a suspect arrives).
+        single: the worker has one thread: every message runs alone.
+    """
+
+    def __init__(self, threads: list[WorkerThread], *, single: bool = False) -> None:
+        self.threads = threads
+        self.single = single
+        #: Suspects waiting or running; ordinary messages take the slow path while > 0.
+        self.waiting = 0
+        self._alone: WorkerThread | None = None  # the thread running a suspect
+        self._changed = threading.Condition(threading.Lock())
+
+    def enter_shared(self, thread: WorkerThread) -> None:
+        """The slow path of an ordinary message (``thread.busy`` set, `waiting` seen
+        non-zero): wait until no suspect waits or runs."""
+        with self._changed:
+            thread.busy = False
+            self._changed.notify_all()  # a suspect may wait for this thread
+            while self.waiting:
+                self._changed.wait(_GATE_POLL_SECS)
+            thread.busy = True
+
+    def left_shared(self) -> None:
+        """An ordinary message is done (its ``busy`` flag cleared) while a suspect
+        waits: let the suspect look again."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def enter_alone(self, thread: WorkerThread) -> None:
+        """Wait until ``thread`` may run a suspect: no other suspect runs and no other
+        thread runs a message."""
+        with self._changed:
+            self.waiting += 1
+            try:
+                while self._alone is not None or any(
+                    other.busy for other in self.threads if other is not thread
+                ):
+                    self._changed.wait(_GATE_POLL_SECS)
+            except BaseException:
+                self.waiting -= 1
+                self._changed.notify_all()
+                raise
+            self._alone = thread
+
+    def leave_alone(self) -> None:
+        """The suspect is settled: let the others go on."""
+        with self._changed:
+            self._alone = None
+            self.waiting -= 1
+            self._changed.notify_all()
+
+
+#: How long a thread waits at the `RunGate` before it looks again anyway (a safety net:
+#: every change notifies).
+_GATE_POLL_SECS = 0.5
+
+
 class WorkerThread(_Pausable):
-    """Runs actors: takes messages from the work queue, processes and settles them."""
+    """Runs actors: takes messages from the work queue, processes and settles them.
+
+    Args:
+        broker: the broker.
+        consumers: the worker's consumer threads, by queue.
+        work_queue: where messages come from.
+        worker_timeout: ms to wait for work before looking at the flags again.
+        gate: the worker's `RunGate` (default: one of its own, for this thread alone).
+    """
 
     def __init__(
         self,
@@ -689,6 +1012,7 @@ class WorkerThread(_Pausable):
         consumers: dict[str, ConsumerThread],
         work_queue: WorkQueue,
         worker_timeout: int,
+        gate: RunGate | None = None,
     ) -> None:
         super().__init__(name="dq-worker")
         self.logger = get_logger(__name__, type(self))
@@ -696,6 +1020,16 @@ class WorkerThread(_Pausable):
         self.consumers = consumers
         self.work_queue = work_queue
         self.timeout = worker_timeout / 1000
+        #: Whether this thread runs (or settles) an ordinary message (see `RunGate`).
+        self.busy = False
+        self.gate = RunGate([self], single=True) if gate is None else gate
+        self._stopping = threading.Event()  # cuts short a wait to settle again
+
+    def stop(self) -> None:
+        """Ask the thread to stop once its current message is done (a message it
+        cannot settle for want of a connection is left to its consumer)."""
+        super().stop()
+        self._stopping.set()
 
     def run(self) -> None:
         self.running = True
@@ -730,34 +1064,106 @@ class WorkerThread(_Pausable):
             broker._run_before(broker._hooks.before_worker_thread_shutdown, self)
 
     def process_message(self, message: MessageProxy, consumer: Consumer) -> None:
-        """Process one message and settle it on its consumer."""
+        """Process one message and settle it on its consumer.
+
+        A suspect (`Consumer.suspect`) runs and is settled while no other message of
+        this worker runs (`RunGate`), and its consumer is told so
+        (``started(message, alone=True)``).
+        """
+        flags = _CAPABILITIES.get(type(consumer))
+        if flags is None:
+            flags = _capabilities(type(consumer))
+        if flags & _SUSPECTS and is_suspect(consumer, message, self.logger):
+            self._process_alone(message, consumer)
+            return
+        gate = self.gate
+        self.busy = True
+        if gate.waiting:  # a suspect waits or runs (see RunGate)
+            gate.enter_shared(self)
         try:
-            if _IMPLEMENTS.get((type(consumer), _Starting)) is not False:  # known: skip
-                mark_started(consumer, message, self.logger)
-            process_message(self.broker, message, self.logger)
-        except BaseException as e:
-            self.logger.error("Error processing message %s.", message, exc_info=True)
-            if message._exception is None:
-                message.stuff_exception(e)
-        while True:
+            if flags & _STARTS:
+                mark_started(consumer, message, self.logger, alone=gate.single)
+            try:
+                process_message(self.broker, message, self.logger)
+            except BaseException as e:
+                self.logger.error("Error processing message %s.", message, exc_info=True)
+                if message._exception is None:
+                    message.stuff_exception(e)
             try:
                 settle(self.broker, consumer, message)
-                return
-            except BrokerConnectionError:
+            except Exception as e:
+                self._settle_failed(message, consumer, e)
+        finally:
+            self.busy = False
+            if gate.waiting:
+                gate.left_shared()
+
+    def _process_alone(self, message: MessageProxy, consumer: Consumer) -> None:
+        gate = self.gate
+        gate.enter_alone(self)
+        try:
+            mark_started(consumer, message, self.logger, alone=True)
+            try:
+                process_message(self.broker, message, self.logger)
+            except BaseException as e:
+                self.logger.error("Error processing message %s.", message, exc_info=True)
+                if message._exception is None:
+                    message.stuff_exception(e)
+            try:
+                settle(self.broker, consumer, message)
+            except Exception as e:
+                self._settle_failed(message, consumer, e)
+        finally:
+            gate.leave_alone()
+
+    def _settle_failed(self, message: MessageProxy, consumer: Consumer, error: Exception) -> None:
+        """Deal with a failed `settle`: while the broker is unreachable, try again every
+        `POST_PROCESS_MESSAGE_RETRY_DELAY_SECS`; a settlement that cannot be stored for
+        another reason dead-letters the message (`dead_letter_unstorable`)."""
+        broker = self.broker
+        stored = False  # its replacement is stored: only the ack is left
+        while True:
+            try:
+                if not isinstance(error, BrokerConnectionError):
+                    if stored:  # never dead-letter a message whose retry is stored
+                        self.logger.error(
+                            "Could not ack message %s (actor %r) after storing its "
+                            "retry: %s. Its consumer keeps it until it closes.",
+                            message.message_id,
+                            message.actor_name,
+                            error,
+                            exc_info=error,
+                        )
+                        return
+                    dead_letter_unstorable(broker, consumer, message, error, self.logger)
+                    return
+                stored = stored or isinstance(error, ReplacementStored)
+                if not self.running:
+                    # Stopping: its consumer is closed next, which returns it (or the
+                    # broker does, once the connection is gone).
+                    self.logger.warning(
+                        "Could not settle message %s (actor %r): %s; the worker stops, "
+                        "so it is left to its consumer, which returns it to its queue.",
+                        message.message_id,
+                        message.actor_name,
+                        error,
+                    )
+                    return
                 self.logger.warning(
-                    "Could not settle message %s: the broker is unreachable; retrying in %d s.",
+                    "Could not settle message %s (actor %r): %s; retrying in %d s.",
                     message.message_id,
+                    message.actor_name,
+                    error,
                     POST_PROCESS_MESSAGE_RETRY_DELAY_SECS,
-                    exc_info=True,
                 )
-                time.sleep(POST_PROCESS_MESSAGE_RETRY_DELAY_SECS)
-            except Exception:
-                self.logger.error(
-                    "Could not settle message %s; the broker will redeliver it.",
-                    message.message_id,
-                    exc_info=True,
-                )
+                self._stopping.wait(POST_PROCESS_MESSAGE_RETRY_DELAY_SECS)
+                if stored:
+                    ack_stored(broker, consumer, message)
+                else:
+                    settle(broker, consumer, message)
                 return
+            except Exception as e:
+                error = e
 
 
 # -- the worker ----------------------------------------------------------------------------
@@ -806,6 +1212,7 @@ class Worker:
         self.queue_prefetch = min(QUEUE_PREFETCH or worker_threads * 2, 65535)
         self.delay_prefetch = min(DELAY_QUEUE_PREFETCH or worker_threads * 1000, 65535)
         self.workers: list[WorkerThread] = []
+        self.gate = RunGate(self.workers, single=worker_threads == 1)
         self.work_queue = WorkQueue()
         self.worker_timeout = worker_timeout
         self.worker_threads = worker_threads
@@ -845,9 +1252,10 @@ class Worker:
             consumers=self.consumers,
             work_queue=self.work_queue,
             worker_timeout=self.worker_timeout,
+            gate=self.gate,
         )
-        worker.start()
         self.workers.append(worker)
+        worker.start()
 
     def _threads(self) -> list[_Pausable]:
         return [*self.consumers.values(), *self.workers]
@@ -960,7 +1368,21 @@ class Runner:
     def _take(self) -> None:
         for consumer in self.consumers.values():
             for message in consumer:
-                eta = policy.message_eta_ms(message.message) if "eta" in message.options else None
+                try:
+                    eta = (
+                        policy.message_eta_ms(message.message) if "eta" in message.options else None
+                    )
+                except InvalidValue as e:  # it can never come due (see ConsumerThread)
+                    self.logger.error(
+                        "Dead-lettering message %s (actor %r) of %r: %s.",
+                        message.message_id,
+                        message.actor_name,
+                        message.queue_name,
+                        e,
+                    )
+                    message.stuff_exception(e)
+                    dead_letter(self.broker, consumer, message, DeathReason.BAD_ETA, self.logger)
+                    continue
                 if eta is not None:
                     self.broker._run_before(self.broker._hooks.before_delay_message, message)
                     heapq.heappush(self.delayed, (eta, next(self._order), message, consumer))
@@ -994,9 +1416,10 @@ class Runner:
         if not self.ready:
             return promoted > 0
         _, _, message, consumer = heapq.heappop(self.ready)
-        mark_started(consumer, message, self.logger)
+        # One message at a time: each runs alone, suspects included.
+        mark_started(consumer, message, self.logger, alone=True)
         process_message(self.broker, message, self.logger)
-        settle(self.broker, consumer, message)
+        settle_or_dead_letter(self.broker, consumer, message, self.logger)
         return True
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> int:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from dq import runtime
 from dq.core import policy
 from dq.logging import get_logger
+from dq.message import check_options
 from dq.middleware.middleware import Middleware, SkipMessage
 
 if TYPE_CHECKING:
@@ -39,9 +40,13 @@ class AgeLimit(Middleware):
         max_age: the default limit, in ms; None (or 0) means no limit. The actor
             option ``max_age`` overrides it, and a truthy ``max_age`` message option
             overrides both.
+
+    Raises:
+        ValueError: ``max_age`` is not a number of ms >= 0 or None.
     """
 
     def __init__(self, *, max_age: int | None = None) -> None:
+        check_options({"max_age": max_age}, what="AgeLimit settings")
         self.logger = get_logger(__name__, type(self))
         self.max_age = max_age
 

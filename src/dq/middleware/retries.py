@@ -10,6 +10,7 @@ from dq import runtime
 from dq.core import policy
 from dq.errors import ActorNotFound, Retry
 from dq.logging import get_logger
+from dq.message import check_options
 from dq.middleware.middleware import Middleware
 
 if TYPE_CHECKING:
@@ -35,8 +36,10 @@ class Retries(Middleware):
     A failed attempt records ``retries`` (incremented), ``traceback`` and
     ``requeue_timestamp`` on the message, then either enqueues the retry — a new
     message with the same id, delayed — or gives up and fails the message, which
-    dead-letters it. The retry is stored before the original is acked: if it cannot
-    be stored, the original is redelivered instead.
+    dead-letters it. The retry is stored before the original is acked. While the
+    broker is unreachable the worker keeps trying; if the broker refuses the retry
+    (a ``Retry(delay=...)`` past the year 9999...), the original is dead-lettered
+    instead, with ``death_reason`` `DeathReason.UNSTORABLE`.
 
     Without this middleware, failed messages are acked rather than dead-lettered;
     to stop retrying an actor, give it ``max_retries=0`` instead of removing it.
@@ -52,6 +55,10 @@ class Retries(Middleware):
             means the default).
         retry_when: ``retry_when(retries_so_far, exception)`` decides alone whether
             to retry, instead of ``max_retries``.
+
+    Raises:
+        ValueError: ``max_retries`` is not an integer >= 0 or None, or a backoff is
+            not a number of ms >= 0.
 
     Actor options: ``max_retries``, ``min_backoff``, ``max_backoff`` (message option,
     else actor option, else the constructor's value); ``retry_when`` (actor option,
@@ -72,6 +79,14 @@ class Retries(Middleware):
         self.max_retries = max_retries
         self.min_backoff = min_backoff or DEFAULT_MIN_BACKOFF
         self.max_backoff = max_backoff or DEFAULT_MAX_BACKOFF
+        check_options(
+            {
+                "max_retries": max_retries,
+                "min_backoff": self.min_backoff,
+                "max_backoff": self.max_backoff,
+            },
+            what="Retries settings",
+        )
         self.retry_when = retry_when
 
     @property
@@ -130,8 +145,8 @@ class Retries(Middleware):
             "Retrying message %r in %d milliseconds.", message.message_id, decision.delay_ms
         )
         # Stored when the worker settles the message: with its ack in one atomic step
-        # on brokers that can, else before the ack (and if it cannot be stored, the
-        # original is returned to its queue instead of being acked).
+        # on brokers that can, else before the ack (if the broker refuses it, the
+        # original is dead-lettered instead of being acked: DeathReason.UNSTORABLE).
         message.replace_with(retry, delay=decision.delay_ms)
 
     def _decide(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from dq import runtime
 from dq.core import policy
 from dq.logging import get_logger
+from dq.message import check_options
 from dq.middleware.middleware import Middleware
 from dq.threading import (
     Interrupt,
@@ -51,9 +52,13 @@ class TimeLimit(Middleware):
             option ``time_limit`` overrides it, and a truthy ``time_limit`` message
             option overrides both.
         interval: how often, in ms, the watcher checks the deadlines.
+
+    Raises:
+        ValueError: ``time_limit`` is not a number of ms >= 0 (``inf`` included).
     """
 
     def __init__(self, *, time_limit: float = 600000, interval: int = 1000) -> None:
+        check_options({"time_limit": time_limit}, what="TimeLimit settings")
         self.logger = get_logger(__name__, type(self))
         self.time_limit = time_limit
         self.interval = interval
@@ -95,6 +100,8 @@ class TimeLimit(Middleware):
         limit = current.options.get("time_limit") or actor.options.get(
             "time_limit", self.time_limit
         )
+        if limit is None:  # an actor's time_limit=None: the default (option_problem allows it)
+            limit = self.time_limit
         deadline = policy.time_limit_deadline_ms(runtime._clock.now_ms(), limit)
         thread_id = get_ident()
         with self._lock:
