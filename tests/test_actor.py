@@ -230,13 +230,13 @@ def default_broker(stub_broker: StubBroker) -> StubBroker:
 
 
 BAD_OPTIONS = [
-    ("time_limit", "x", "a number of ms > 0"),
+    ("time_limit", "x", "a number of ms >= 0, inf, or null"),
     ("max_retries", -1, "an integer >= 0"),
     ("max_retries", 2.5, "an integer >= 0"),
     ("max_backoff", -100, "a number of ms >= 0"),
     ("min_backoff", float("nan"), "a number of ms >= 0"),
     ("max_age", "old", "a number of ms >= 0"),
-    ("notify_shutdown", "yes", "true or false"),
+    ("notify_shutdown", "yes", "true, false or null"),
     ("retries", -3, "an integer >= 0"),
 ]
 

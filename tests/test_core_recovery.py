@@ -324,7 +324,12 @@ def test_dead_consumers(beats: dict[str, int], now: int) -> None:
     ("key", "value", "ok"),
     [
         ("time_limit", "x", False),
-        ("time_limit", 0, False),
+        ("time_limit", 0, True),  # Dramatiq: a message's 0 falls through to the actor's
+        ("time_limit", math.inf, True),  # no limit
+        ("time_limit", -1, False),
+        ("time_limit", math.nan, False),
+        ("max_backoff", math.inf, True),
+        ("notify_shutdown", None, True),
         ("time_limit", 1.5, True),
         ("time_limit", None, True),
         ("max_retries", -1, False),

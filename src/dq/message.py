@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
@@ -218,55 +217,10 @@ _SET: tuple[Callable[[object, Any], None], ...] = tuple(
 
 # -- option values at the boundary ---------------------------------------------------------
 
-#: The options whose values dq checks (`dq.core.policy.option_problem`); a message with
-#: none of them needs no check (a set test, no loop: this runs for every message).
-CHECKED_OPTIONS = frozenset(
-    (
-        "max_retries",
-        "retries",
-        "min_backoff",
-        "max_backoff",
-        "max_age",
-        "time_limit",
-        "notify_shutdown",
-        "eta",
-    )
-)
-
-_INF = math.inf
-
-#: Options whose value ``float("inf")`` Dramatiq gives a meaning: no limit.
-_UNBOUNDED = frozenset(("time_limit", "max_age", "max_backoff"))
-
-
-def option_problem(key: str, value: object) -> str | None:
-    """Return why ``value`` is not acceptable for the option ``key``, or None.
-
-    The core's rule (`dq.core.policy.option_problem`), plus the values Dramatiq gives
-    a meaning that the core's rule does not list: ``float("inf")`` for ``time_limit``,
-    ``max_age`` and ``max_backoff`` (no limit), ``time_limit=0`` (a falsy message
-    value falls through to the actor's; an actor's 0 expires at once), and
-    ``notify_shutdown=None`` (falls through to the actor's value).
-    """
-    if value is not None and not isinstance(value, bool) and isinstance(value, int | float):
-        if value == _INF and key in _UNBOUNDED:
-            return None
-        if value == 0 and key == "time_limit":
-            return None
-    elif value is None and key == "notify_shutdown":
-        return None
-    return policy.option_problem(key, value)
-
-
-def options_problem(options: Mapping[str, Any]) -> str | None:
-    """Return the first problem of `option_problem` among ``options``, or None."""
-    if CHECKED_OPTIONS.isdisjoint(options):
-        return None
-    for key, value in options.items():
-        problem = option_problem(key, value)
-        if problem is not None:
-            return problem
-    return None
+#: The options whose values dq checks (`dq.core.policy.option_problem`).
+CHECKED_OPTIONS = policy.CHECKED_OPTIONS
+option_problem = policy.option_problem
+options_problem = policy.options_problem
 
 
 def check_options(options: Mapping[str, Any], *, what: str = "options") -> None:

@@ -468,51 +468,64 @@ def _whole(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _number(value: object, minimum: float, *, exclusive: bool = False) -> bool:
+def _number(value: object, minimum: float, *, infinite: bool = False) -> bool:
+    """Whether ``value`` is a number (not a bool) >= ``minimum``; ``infinite``: or +inf."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     if isinstance(value, float) and not math.isfinite(value):
-        return False
-    return value > minimum if exclusive else value >= minimum
+        return infinite and value == math.inf
+    return value >= minimum
 
 
 #: The options dq reads from a message, and what their values must be. Unknown
-#: options pass: middleware of a user's own may read them.
+#: options pass: middleware of a user's own may read them. Dramatiq's meanings are
+#: kept: ``inf`` is "no limit" for ``time_limit``, ``max_age`` and ``max_backoff``; a
+#: ``time_limit`` of 0 on a message falls through to the actor's; ``null`` for
+#: ``notify_shutdown`` falls through too.
 _OPTION_RULES: dict[str, tuple[str, Any]] = {
     "max_retries": ("an integer >= 0, or null", lambda v: v is None or _whole(v, 0)),
     "retries": ("an integer >= 0, or null", lambda v: v is None or _whole(v, 0)),
     "min_backoff": ("a number of ms >= 0", lambda v: _number(v, 0)),
-    "max_backoff": ("a number of ms >= 0", lambda v: _number(v, 0)),
-    "max_age": ("a number of ms >= 0, or null", lambda v: v is None or _number(v, 0)),
-    "time_limit": (
-        "a number of ms > 0, or null",
-        lambda v: v is None or _number(v, 0, exclusive=True),
+    "max_backoff": ("a number of ms >= 0, or inf", lambda v: _number(v, 0, infinite=True)),
+    "max_age": (
+        "a number of ms >= 0, inf, or null",
+        lambda v: v is None or _number(v, 0, infinite=True),
     ),
-    "notify_shutdown": ("true or false", lambda v: isinstance(v, bool)),
+    "time_limit": (
+        "a number of ms >= 0, inf, or null",
+        lambda v: v is None or _number(v, 0, infinite=True),
+    ),
+    "notify_shutdown": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
     "eta": ("a finite number of ms", lambda v: eta_problem(v) is None),
 }
+
+#: The options whose values `option_problem` checks: a message with none of them needs
+#: no check (a set test, no loop: the worker runs it for every message).
+CHECKED_OPTIONS = frozenset(_OPTION_RULES)
 
 
 def option_problem(key: str, value: object) -> str | None:
     """Return why ``value`` is not acceptable for the option ``key``, or None.
 
-    Used at the boundary: `dq.Actor.send_with_options` refuses such a value, and a
-    message decoded from the wire with one is dead-lettered
+    Used at the boundary: `dq.Actor.send_with_options` and actor declarations refuse
+    such a value, and a message decoded from the wire with one is dead-lettered
     (`DeathReason.BAD_OPTIONS`) instead of running with the option ignored.
     """
     rule = _OPTION_RULES.get(key)
     if rule is None:
         return None
     expected, accepts = rule
-    if key == "eta":
-        return eta_problem(value)
     if accepts(value):
         return None
+    if key == "eta":
+        return f"option 'eta': {eta_problem(value)}"
     return f"option {key!r} must be {expected}, not {value!r}"
 
 
 def options_problem(options: Mapping[str, Any]) -> str | None:
     """Return the first problem of `option_problem` among ``options``, or None."""
+    if CHECKED_OPTIONS.isdisjoint(options):
+        return None
     for key, value in options.items():
         problem = option_problem(key, value)
         if problem is not None:
