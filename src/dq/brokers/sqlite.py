@@ -100,7 +100,12 @@ from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer
 from dq.brokers import _sqlite_recovery as recovery
-from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
+from dq.brokers._checks import (
+    StoredQueueNames,
+    check_consume_arguments,
+    delayed_if_asked,
+    is_whole,
+)
 from dq.brokers._sqlite_consumer import SqliteConsumer
 from dq.brokers._sqlite_schema import SCHEMA_VERSION, create_or_migrate
 from dq.brokers.steps import Cannot, CommandTable, ServerStep
@@ -344,7 +349,7 @@ class SqliteBroker(Broker):
         self._local = threading.local()
         self._declared = initial_state()
         self._declare_lock = threading.Lock()
-        self._checked_names: set[str] = set()  # queue names check_queue_name accepted
+        self._checked_names = StoredQueueNames(_CHECKED_NAMES)  # names accepted
         # Wakes this process's waiting consumers and joins; the generation counts changes.
         self._changed = threading.Condition(threading.Lock())
         self._generation = 0
@@ -622,10 +627,9 @@ class SqliteBroker(Broker):
         starts consumers for both). Declaring twice is a no-op.
 
         Raises:
-            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``: the
-                core has no declaration of one).
-            ValueError: no message may be stored on ``queue_name``
-                (`dq.core.policy.check_queue_name`); the message says why.
+            InvalidQueueName: no message may be stored on ``queue_name`` (a ``.XQ``
+                name, or one colliding with a broker's keys): a `QueueNotFound` and a
+                `ValueError` that says why (`dq.core.policy.stored_queue_problem`).
         """
         self._check_queue(queue_name)
         with self._declare_lock:
@@ -652,18 +656,11 @@ class SqliteBroker(Broker):
         ``.DQ``), as the core says; names found good are remembered.
 
         Raises:
-            QueueNotFound: it names a dead-letter queue (``.XQ``).
-            ValueError: `dq.core.policy.check_queue_name` refuses it (an
-                `dq.core.InvalidValue` naming it and why).
+            InvalidQueueName: it names a dead-letter queue (``.XQ``) or collides
+                with a broker's keys (a `QueueNotFound` and a `ValueError` naming it
+                and why).
         """
-        if queue_name in self._checked_names:
-            return
-        name: object = queue_name  # callers may pass anything
-        if isinstance(name, str) and name.endswith(policy.DEAD_SUFFIX):
-            raise QueueNotFound(name)
-        policy.check_queue_name(queue_name, stored=True)
-        if len(self._checked_names) < _CHECKED_NAMES:
-            self._checked_names.add(queue_name)
+        self._checked_names.check(queue_name)
 
     # -- enqueueing ------------------------------------------------------------------------
 

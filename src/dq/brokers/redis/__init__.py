@@ -107,7 +107,12 @@ from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._buffered import BufferedConsumer
-from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
+from dq.brokers._checks import (
+    StoredQueueNames,
+    check_consume_arguments,
+    delayed_if_asked,
+    is_whole,
+)
 from dq.brokers.redis import _resp
 from dq.brokers.redis._keys import Keys, glob_escape
 from dq.brokers.redis._recovery import SHARED_MARK, RecoveryReport
@@ -118,7 +123,6 @@ from dq.core import (
     Ack,
     DeathReason,
     DeclareQueue,
-    InvalidValue,
     Nack,
     Requeue,
     apply,
@@ -130,7 +134,6 @@ from dq.core import events as ev
 from dq.errors import (
     BrokerOutOfMemory,
     ConnectionClosed,
-    InvalidQueueName,
     QueueJoinTimeout,
 )
 from dq.message import Message
@@ -505,7 +508,7 @@ class RedisBroker(Broker):
         # until its reply is buffered (`reconcile` holds it to see a settled picture).
         self._consumers: set[_RedisConsumer] = set()
         self._fetch_locks: dict[str, threading.Lock] = {}
-        self._valid_names: set[str] = set()  # names `_stored_name` accepted
+        self._valid_names = StoredQueueNames()  # names `_stored_name` accepted
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -752,13 +755,9 @@ class RedisBroker(Broker):
             InvalidQueueName: it names a dead-letter queue or collides with a key of
                 Redis's layout (``__heartbeats__``, ``q.msgs``...).
         """
-        if queue_name not in self._valid_names:
-            try:
-                policy.check_queue_name(queue_name, stored=True)
-            except InvalidValue as e:
-                raise InvalidQueueName(str(e)) from None
-            self._valid_names.add(queue_name)
-        return queue_name
+        if queue_name in self._valid_names:
+            return queue_name
+        return self._valid_names.check(queue_name)
 
     # -- declarations --------------------------------------------------------------------
 
