@@ -331,10 +331,10 @@ class StubBroker(Broker):
             InvalidValue: no message may be stored on ``queue_name``
                 (`dq.core.policy.check_queue_name`).
         """
-        if policy.q_name(queue_name) in self._state.queues:
-            return
         if isinstance(queue_name, str) and queue_name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(queue_name)
+        if policy.q_name(queue_name) in self._state.queues:
+            return
         policy.check_queue_name(queue_name, stored=True)
         self._run_before(self._hooks.before_declare_queue, policy.q_name(queue_name))
         step = self._apply(DeclareQueue(queue_name))
@@ -389,6 +389,19 @@ class StubBroker(Broker):
             raise QueueNotFound(name)
         if policy.is_delay_queue(name):
             policy.message_eta_ms(message)
+
+    def abandon(self, consumer: Consumer) -> str:
+        """Make ``consumer`` (one of this broker's) die, for tests of recovery: it hands
+        out and settles nothing from now on, and what it holds stays reserved until
+        `recover`. Returns its id.
+
+        Raises:
+            TypeError: ``consumer`` is not a StubBroker consumer.
+        """
+        if not isinstance(consumer, _StubConsumer) or consumer.broker is not self:
+            raise TypeError(f"{consumer!r} is not a consumer of this StubBroker")
+        consumer.abandon()
+        return consumer.consumer_id
 
     def recover(self, consumer_id: str | None = None, *, now_ms: int | None = None) -> int:
         """Give back what a dead consumer held (`dq.core.Recover`): each message to the
