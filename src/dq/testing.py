@@ -204,8 +204,8 @@ class BrokerConformance(RuleBasedStateMachine):
         self.hooks = _Hooks()
         self.broker.add_middleware(self.hooks)
         make_crashes = type(self).crashes
-        self.crash_hooks: Crashes | None = None if make_crashes is None else make_crashes(
-            self.broker
+        self.crash_hooks: Crashes | None = (
+            None if make_crashes is None else make_crashes(self.broker)
         )
         self.model = core.initial_state()
         self.consumers: list[_ConsumerRecord] = []
@@ -345,26 +345,33 @@ class BrokerConformance(RuleBasedStateMachine):
 
     @rule(
         index=st.integers(0, 1),
-        args=st.lists(st.integers(0, 9), max_size=2) | st.lists(_JSONish, max_size=3),
-        delay=st.none() | st.none() | st.integers(0, 50) | st.integers(0, 10_000_000),
+        batch=st.lists(
+            st.tuples(
+                st.lists(st.integers(0, 9), max_size=2) | st.lists(_JSONish, max_size=3),
+                st.none() | st.none() | st.none() | st.integers(0, 50) | st.integers(0, 10**7),
+            ),
+            min_size=1,
+            max_size=4,
+        ),
     )
-    def enqueue(self, index: int, args: list[Any], delay: int | None) -> None:
+    def enqueue(self, index: int, batch: list[tuple[list[Any], int | None]]) -> None:
         name = self.queue_names[index]
-        message: Message[Any] = Message(
-            name, "conformance_actor", tuple(args), {"k": 1}, {"o": "x"}
-        )
-        if not self._declared(name):
-            if not self.strict_queues:
-                return
-            try:
-                self.broker.enqueue(message, delay=delay)
-            except QueueNotFound:
-                return
-            raise AssertionError(f"enqueue on undeclared {name!r} did not raise QueueNotFound")
-        before = _now()
-        stored = self.broker.enqueue(message, delay=delay)
-        self._stored(message, stored, delay, before)
-        self._apply(core.Enqueue(stored, stored.encode()))
+        for args, delay in batch:
+            message: Message[Any] = Message(
+                name, "conformance_actor", tuple(args), {"k": 1}, {"o": "x"}
+            )
+            if not self._declared(name):
+                if not self.strict_queues:
+                    return
+                try:
+                    self.broker.enqueue(message, delay=delay)
+                except QueueNotFound:
+                    return
+                raise AssertionError(f"enqueue on undeclared {name!r} did not raise QueueNotFound")
+            before = _now()
+            stored = self.broker.enqueue(message, delay=delay)
+            self._stored(message, stored, delay, before)
+            self._apply(core.Enqueue(stored, stored.encode()))
 
     def _stored(
         self, message: Message[Any], stored: Message[Any], delay: int | None, before: int
@@ -405,6 +412,10 @@ class BrokerConformance(RuleBasedStateMachine):
             except QueueNotFound:
                 return
             raise AssertionError(f"consume on undeclared {name!r} did not raise QueueNotFound")
+        self._open(name, prefetch, crashable=crashable)
+
+    def _open(self, name: str, prefetch: int, *, crashable: bool) -> None:
+        timeout = self.consumer_timeout_ms
         if crashable and self.crash_hooks is not None:
             consumer = self.crash_hooks.consume(name, prefetch, timeout)
         else:
@@ -578,7 +589,8 @@ class BrokerConformance(RuleBasedStateMachine):
                 [
                     r
                     for r in self.consumers
-                    if not policy.is_delay_queue(r.queue_name) and any(not h.started for h in r.held)
+                    if not policy.is_delay_queue(r.queue_name)
+                    and any(not h.started for h in r.held)
                 ]
             )
         )
@@ -601,20 +613,36 @@ class BrokerConformance(RuleBasedStateMachine):
         # what it held, and so every delivery count.
         return not record.room or not waiting(self.model, record.queue_name)
 
-    @precondition(
-        lambda self: self.crash_hooks is not None and any(map(self._can_crash, self.consumers))
-    )
-    @rule(data=st.data())
-    def crash(self, data: st.DataObject) -> None:
-        """A consumer dies holding what it holds (it is never closed)."""
+    @precondition(lambda self: self.crash_hooks is not None and self.consumers)
+    @rule(data=st.data(), poison=st.booleans())
+    def crash(self, data: st.DataObject, poison: bool) -> None:
+        """A consumer takes what it can, maybe starts one message alone (``poison``),
+        and dies holding it all (it is never closed)."""
         hooks = self.crash_hooks
         assert hooks is not None
-        record = data.draw(st.sampled_from([r for r in self.consumers if self._can_crash(r)]))
+        record: _ConsumerRecord = data.draw(st.sampled_from(self.consumers))
+        while not self._can_crash(record):
+            count = len(record.held)
+            self.next_message(_Fixed(record))
+            if len(record.held) == count:
+                return  # it may hold messages unseen: the model could not follow
+        if poison and not policy.is_delay_queue(record.queue_name):
+            fresh = [h for h in record.held if not h.started]
+            # A worker runs suspects alone: the poison is most likely one of them.
+            suspects = [h for h in fresh if deliveries_of(self.model, h.seq)]
+            fresh = suspects or fresh
+            if fresh:
+                held = data.draw(st.sampled_from(fresh))
+                record.consumer.started(held.proxy, alone=True)
+                held.started = True
+                self._apply(core.Start(held.seq, True))
         self.consumers.remove(record)
         hooks.crash(record.consumer)
         self.dead.append(record)
         if hooks.recovers_at_once:
             self._recover_model()
+        # A supervisor starts a new process in its place.
+        self._open(record.queue_name, record.prefetch, crashable=True)
 
     @precondition(lambda self: self.dead)
     @rule()
@@ -637,8 +665,10 @@ class BrokerConformance(RuleBasedStateMachine):
                 self._apply(core.Recover(record.consumer_id, now, hooks.max_deliveries))
         self.dead.clear()
 
-    @rule(index=st.integers(0, 2))
-    def flush(self, index: int) -> None:
+    @rule(index=st.integers(0, 2), draw=st.integers(0, 3))
+    def flush(self, index: int, draw: int) -> None:
+        if draw:  # one draw in four: a flush drops everything the other steps built
+            return
         names = self.queue_names if index == 2 else (self.queue_names[index],)
         names = tuple(name for name in names if self._declared(name))
         if not names:
