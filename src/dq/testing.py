@@ -118,6 +118,7 @@ class _ConsumerRecord:
     consumer_id: str
     queue_name: str
     prefetch: int
+    crashable: bool = False  # opened by `Crashes.consume`
     held: list[_Held] = attrs.field(factory=list)
 
     @property
@@ -183,7 +184,8 @@ class BrokerConformance(RuleBasedStateMachine):
         crashes: makes the example's `Crashes`, or None: no crash steps.
         delivery_patience_ms: how long a consumer may take, over several ``next()``
             calls, to deliver a message the model proves is there for it.
-        check_queue_names: the broker must refuse names no message may be stored on.
+        check_queue_names: the broker must refuse names no message may be stored on
+            (``.XQ`` names, to declare or enqueue to, and names of broker keys).
         check_declare_hooks: the declare hooks must get the canonical queue name.
     """
 
@@ -304,7 +306,7 @@ class BrokerConformance(RuleBasedStateMachine):
     def declare_first_queue(self) -> None:
         # The second queue starts undeclared, so QueueNotFound paths are exercised too.
         self.declare_queue(0, False)
-        self.open_consumer(0, False, 2, False)
+        self.open_consumer(0, False, 2, True)
 
     @rule(index=st.integers(0, 1), delay_name=st.booleans())
     def declare_queue(self, index: int, delay_name: bool) -> None:
@@ -321,6 +323,8 @@ class BrokerConformance(RuleBasedStateMachine):
     @rule(index=st.integers(0, 1), kind=st.integers(0, len(_RESERVED_NAMES)))
     def refuse_bad_name(self, index: int, kind: int) -> None:
         """A dead-letter queue or a broker's own key is never a place to store on."""
+        if not self.check_queue_names:
+            return
         name = self.queue_names[index]
         declared = set(self.broker.get_declared_queues())
         if kind == len(_RESERVED_NAMES):
@@ -332,8 +336,6 @@ class BrokerConformance(RuleBasedStateMachine):
                 raise AssertionError(f"declare_queue({policy.xq_name(name)!r}) did not raise")
             bad = policy.xq_name(name)
         else:
-            if not self.check_queue_names:
-                return
             bad = _RESERVED_NAMES[kind].format(q=name)
         assert set(self.broker.get_declared_queues()) == declared
         message: Message[Any] = Message(bad, "conformance_actor", (), {}, {})
@@ -416,13 +418,17 @@ class BrokerConformance(RuleBasedStateMachine):
 
     def _open(self, name: str, prefetch: int, *, crashable: bool) -> None:
         timeout = self.consumer_timeout_ms
-        if crashable and self.crash_hooks is not None:
+        crashable = crashable and self.crash_hooks is not None
+        if crashable:
+            assert self.crash_hooks is not None
             consumer = self.crash_hooks.consume(name, prefetch, timeout)
         else:
             consumer = self.broker.consume(name, prefetch=prefetch, timeout=timeout)
         self.next_consumer += 1
         self.consumers.append(
-            _ConsumerRecord(consumer, f"model-consumer-{self.next_consumer}", name, prefetch)
+            _ConsumerRecord(
+                consumer, f"model-consumer-{self.next_consumer}", name, prefetch, crashable
+            )
         )
 
     @precondition(lambda self: self.consumers)
@@ -613,14 +619,16 @@ class BrokerConformance(RuleBasedStateMachine):
         # what it held, and so every delivery count.
         return not record.room or not waiting(self.model, record.queue_name)
 
-    @precondition(lambda self: self.crash_hooks is not None and self.consumers)
+    @precondition(lambda self: any(r.crashable for r in self.consumers))
     @rule(data=st.data(), poison=st.booleans())
     def crash(self, data: st.DataObject, poison: bool) -> None:
         """A consumer takes what it can, maybe starts one message alone (``poison``),
         and dies holding it all (it is never closed)."""
         hooks = self.crash_hooks
         assert hooks is not None
-        record: _ConsumerRecord = data.draw(st.sampled_from(self.consumers))
+        record: _ConsumerRecord = data.draw(
+            st.sampled_from([r for r in self.consumers if r.crashable])
+        )
         while not self._can_crash(record):
             count = len(record.held)
             self.next_message(_Fixed(record))
@@ -676,12 +684,15 @@ class BrokerConformance(RuleBasedStateMachine):
         # Messages a consumer holds unseen would survive the flush, and the model
         # cannot know which: such consumers close first (what they hold goes back).
         for record in list(self.consumers):
-            if record.room and policy.q_name(record.queue_name) in names:
-                if waiting(self.model, record.queue_name):
-                    self.consumers.remove(record)
-                    record.consumer.close()
-                    self._apply(core.Release(record.consumer_id))
-                    self._forget_order(record.queue_name)
+            if (
+                record.room
+                and policy.q_name(record.queue_name) in names
+                and waiting(self.model, record.queue_name)
+            ):
+                self.consumers.remove(record)
+                record.consumer.close()
+                self._apply(core.Release(record.consumer_id))
+                self._forget_order(record.queue_name)
         if index == 2:
             self.broker.flush_all()
             self._apply(core.FlushAll())
