@@ -1,4 +1,5 @@
-"""RabbitmqBroker on the real RabbitMQ: the conformance machine, the constructor, queue
+"""RabbitmqBroker on the real RabbitMQ (its conformance run is in
+test_conformance_rabbitmq.py): the constructor, queue
 arguments shared with Dramatiq, confirms, a Worker, lost settlements and long delays."""
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pika
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import dq
 from dq import Message, Worker, runtime
-from dq.broker import Broker, MessageProxy
+from dq.broker import MessageProxy
 from dq.brokers import from_url
 from dq.brokers.rabbitmq import (
     MessageUnroutable,
@@ -31,7 +31,6 @@ from dq.brokers.rabbitmq import (
 from dq.core import policy
 from dq.errors import BrokerError, ConnectionClosed, QueueJoinTimeout, QueueNotFound
 from dq.middleware import Retries
-from dq.testing import conformance_test
 from rabbitmq_support import (
     RABBITMQ_URL,
     BrokerFactory,
@@ -47,52 +46,6 @@ from rabbitmq_support import (
 )
 
 __all__ = ["broker_factory", "prefix"]  # fixtures
-
-# -- the conformance machine ---------------------------------------------------------------
-
-# Queue names are global on a server: the machine uses two private ones, which every
-# example's teardown leaves empty (consumers closed, then flush_all).
-_CONFORMANCE = new_prefix("conformance")
-_CONFORMANCE_QUEUES = (f"{_CONFORMANCE}_a", f"{_CONFORMANCE}_b")
-
-
-def _conformance_broker() -> Broker:
-    # The machine's model reserves when next() asks: exact reservations. The default
-    # (subscriptions, as Dramatiq's) is checked by tests/test_rabbitmq_push.py.
-    # Confirmed publishing: a join of one check must count what was just published
-    # (without confirms RabbitMQ may count it a moment later; the publish is written
-    # the same way either way).
-    broker = RabbitmqBroker(
-        url=RABBITMQ_URL,
-        middleware=[],
-        consumer_timeout=86_400_000,
-        exact_reservations=True,
-        confirm_delivery=True,
-    )
-    broker.join_min_successes = 1  # every consumer of these queues is in this process
-    return broker
-
-
-def _dead_letters(broker: Broker, queue_name: str) -> Sequence[str]:
-    return [Message.decode(body).message_id for body, _ in read_queue(policy.xq_name(queue_name))]
-
-
-TestRabbitmqBrokerConformance = conformance_test(
-    _conformance_broker,
-    dead_letters=_dead_letters,
-    queue_names=_CONFORMANCE_QUEUES,
-    consumer_timeout_ms=5,
-    strict_queues=False,
-    max_examples=25,
-    stateful_step_count=25,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _delete_conformance_queues() -> Iterator[None]:
-    yield
-    delete_queues(_CONFORMANCE_QUEUES)
-
 
 # -- fixtures ------------------------------------------------------------------------------
 
