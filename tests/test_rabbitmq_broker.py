@@ -630,3 +630,51 @@ def test_a_waiting_consumer_takes_what_arrives_and_never_more_than_its_prefetch(
     ready, _, _ = broker.get_queue_message_counts(prefix)
     early = len(taken) + len(rest) + ready - len(sent)
     assert early >= 1 and broker.unsettled(prefix) == 0
+
+
+# -- issue 16: the command table, queue names and declare hooks ------------------------------
+
+
+def test_the_command_table_covers_every_core_command() -> None:
+    from dq.brokers.rabbitmq import COMMANDS
+    from dq.brokers.steps import uncovered
+
+    assert uncovered(COMMANDS) == ()
+
+
+def test_declare_hooks_get_the_canonical_name_and_dead_letter_queues_are_refused(
+    broker_factory: BrokerFactory, prefix: str
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Recorder(dq.Middleware):
+        def before_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+            calls.append(("before", queue_name))
+
+        def after_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+            calls.append(("after", queue_name))
+
+    broker = broker_factory(middleware=[Recorder()])
+    with pytest.raises(QueueNotFound):
+        broker.declare_queue(f"{prefix}.XQ")
+    broker.declare_queue(f"{prefix}.DQ")
+    assert calls == [("before", prefix), ("after", prefix)]
+    with pytest.raises(QueueNotFound):  # also once its queue is declared
+        broker.declare_queue(f"{prefix}.XQ")
+    assert calls == [("before", prefix), ("after", prefix)]
+
+
+@pytest.mark.parametrize("template", ["__heartbeats__", "{q}.msgs", "__dq__.deliveries.{q}"])
+def test_names_of_broker_keys_are_refused_and_nothing_is_created(
+    broker_factory: BrokerFactory, prefix: str, template: str
+) -> None:
+    name = template.format(q=prefix)
+    broker = broker_factory(confirm_delivery=True)
+    broker_factory.extra.add(name)
+    with pytest.raises(ValueError, match="invalid queue name"):
+        broker.enqueue(Message(name, "f", (), {}, {}))
+    with pytest.raises(ValueError, match="invalid queue name"):
+        broker.declare_queue(name, ensure=True)
+    with pytest.raises(QueueNotFound):
+        broker.enqueue(Message(f"{prefix}.XQ", "f", (), {}, {}))
+    assert not queue_exists(name)
