@@ -101,9 +101,7 @@ class RedisCrashes(Crashes):
         self.dead.clear()
 
     def close(self) -> None:
-        closing = [
-            threading.Thread(target=process.close) for process in self.processes.values()
-        ]
+        closing = [threading.Thread(target=process.close) for process in self.processes.values()]
         for thread in closing:
             thread.start()
         for thread in closing:

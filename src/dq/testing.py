@@ -437,10 +437,10 @@ class BrokerConformance(RuleBasedStateMachine):
         record: _ConsumerRecord = data.draw(st.sampled_from(self.consumers))
         must = self._must_deliver(record)
         deadline = time.monotonic() + self.delivery_patience_ms / 1000
-        while True:
+        proxy: MessageProxy | None = None
+        while proxy is None:
             try:
                 proxy = next(record.consumer)
-                break
             except StopIteration:
                 if not must:
                     return

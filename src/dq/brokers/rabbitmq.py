@@ -776,7 +776,7 @@ class RabbitmqBroker(Broker):
                 (`dq.core.policy.check_queue_name`).
             RabbitmqConnectionClosed: ``ensure`` and the server could not be reached.
         """
-        if isinstance(queue_name, str) and queue_name.endswith(policy.DEAD_SUFFIX):
+        if queue_name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(queue_name)
         with self._declare_lock:
             if policy.q_name(queue_name) not in self._declared.queues:
@@ -849,7 +849,7 @@ class RabbitmqBroker(Broker):
             InvalidValue: its queue name, or its delayed eta, is one the core refuses.
         """
         name = message.queue_name
-        if isinstance(name, str) and name.endswith(policy.DEAD_SUFFIX):
+        if name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(name)
         policy.check_queue_name(name, stored=True)
         message = delayed_if_asked(message, delay, now_ms)

@@ -331,7 +331,7 @@ class StubBroker(Broker):
             InvalidValue: no message may be stored on ``queue_name``
                 (`dq.core.policy.check_queue_name`).
         """
-        if isinstance(queue_name, str) and queue_name.endswith(policy.DEAD_SUFFIX):
+        if queue_name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(queue_name)
         if policy.q_name(queue_name) in self._state.queues:
             return
@@ -382,7 +382,7 @@ class StubBroker(Broker):
             InvalidValue: a queue name or eta the core refuses.
         """
         name = message.queue_name
-        if isinstance(name, str) and name.endswith(policy.DEAD_SUFFIX):
+        if name.endswith(policy.DEAD_SUFFIX):
             raise QueueNotFound(name)
         policy.check_queue_name(name, stored=True)
         if policy.q_name(name) not in self._state.queues:
