@@ -214,6 +214,9 @@ class BrokerConformance(RuleBasedStateMachine):
         self.dead: list[_ConsumerRecord] = []  # died, not recovered yet
         self.ordered: set[int] = set()  # seqs never returned to a queue since stored
         self.next_consumer = 0
+        # Model time of leases: each recovery round renews the live consumers' leases
+        # to the new round and expires every lease of an earlier one.
+        self.lease_round = 0
 
     def teardown(self) -> None:
         for record in self.consumers:
@@ -244,7 +247,7 @@ class BrokerConformance(RuleBasedStateMachine):
 
     def _lease(self) -> int | None:
         hooks = self.crash_hooks
-        return 0 if hooks is not None and hooks.expires_leases else None
+        return self.lease_round if hooks is not None and hooks.expires_leases else None
 
     def _others_room(self, record: _ConsumerRecord) -> int:
         """How many messages the other open consumers of its queue may hold unseen."""
@@ -665,9 +668,10 @@ class BrokerConformance(RuleBasedStateMachine):
         assert hooks is not None
         now = _now()
         if hooks.expires_leases:
+            self.lease_round += 1
             for record in self.consumers:  # the live consumers' keepers renew them
-                self._apply(core.Renew(record.consumer_id, 1))
-            self._apply(core.ExpireLeases(1, hooks.max_deliveries))
+                self._apply(core.Renew(record.consumer_id, self.lease_round))
+            self._apply(core.ExpireLeases(self.lease_round, hooks.max_deliveries))
         else:
             for record in self.dead:
                 self._apply(core.Recover(record.consumer_id, now, hooks.max_deliveries))
