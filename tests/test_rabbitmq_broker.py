@@ -678,3 +678,23 @@ def test_names_of_broker_keys_are_refused_and_nothing_is_created(
     with pytest.raises(QueueNotFound):
         broker.enqueue(Message(f"{prefix}.XQ", "f", (), {}, {}))
     assert not queue_exists(name)
+
+
+def test_join_sees_what_the_server_already_sent_to_an_idle_subscription(
+    broker: RabbitmqBroker, prefix: str
+) -> None:
+    # Found by the conformance machine in the default consume mode: the server pushes
+    # a new message to a subscribed consumer at once, where it is unacked (not in the
+    # ready count) and, until the consumer reads its socket, not in `unsettled`.
+    broker.declare_queue(prefix)
+    consumer = broker.consume(prefix, prefetch=2, timeout=5)
+    with pytest.raises(StopIteration):
+        next(consumer)  # subscribes, finds nothing
+    for _ in range(5):
+        broker.enqueue(Message(prefix, "f", (), {}, {}))
+        with pytest.raises(QueueJoinTimeout):
+            broker.join(prefix, min_successes=1, timeout=1)
+        message = next(consumer)
+        consumer.ack(message)
+        broker.join(prefix, min_successes=1, timeout=2000)
+    consumer.close()

@@ -1032,9 +1032,12 @@ class RabbitmqBroker(Broker):
         """How many messages of ``q`` and ``q.DQ`` this process's consumers hold
         (reserved or parked, not yet acked or nacked)."""
         name = policy.q_name(queue_name)
-        return sum(
-            c._outstanding for c in list(self._consumers) if policy.q_name(c.queue_name) == name
-        )
+        consumers = [c for c in list(self._consumers) if policy.q_name(c.queue_name) == name]
+        for consumer in consumers:
+            # What the server already sent a subscription is unacked there and not in
+            # its ready count: read it in first, or a join would not see it.
+            consumer._read_sent()
+        return sum(c._outstanding for c in consumers)
 
     def join(
         self,
@@ -1617,6 +1620,28 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
             raise RabbitmqConnectionClosed(
                 f"the connection of the consumer of {self.queue_name!r} is closed"
             )
+
+    def _read_sent(self) -> None:
+        """Read every delivery the server sent this consumer before now: one round trip
+        on its channel (a ``basic.qos`` that changes nothing: its answer follows what
+        was sent before it). Skipped when another thread holds the connection (it is
+        reading it) or no consume is open (nothing can be on the way)."""
+        consume = self._lingering
+        qos = self._qos
+        if self._dead or self._closed or consume is None or consume.cancelled or qos is None:
+            return
+        if not self._io.acquire(blocking=False):
+            return
+        try:
+            if not self.channel.is_open:
+                return
+            answered: list[bool] = []
+            self._send_qos(qos, lambda: answered.append(True))
+            self._pump(lambda: bool(answered), _REPLY_TIMEOUT_S)
+        except _AMQP_ERRORS:
+            self._dead = True
+        finally:
+            self._io.release()
 
     def _parked_wait(self) -> float:
         return max(0.0, (self._parked[0][0] - runtime.get_clock().now_ms()) / 1000)
