@@ -24,7 +24,7 @@ import dq.middleware.threading
 import dq.threading
 from dq import Message, MessageProxy, Retry, runtime
 from dq.broker import Consumer
-from dq.brokers.stub import StubBroker
+from dq.brokers.stub import StubBroker, _StubConsumer
 from dq.composition import pipeline
 from dq.core import DeathReason
 from dq.errors import BrokerConnectionError, QueueNotFound
@@ -510,6 +510,16 @@ class FlakyBroker(StubBroker):
         if self.fail_when(message, delay):
             raise self.error("the broker went away")
         return super().enqueue(message, delay=delay)
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:
+        # Without the stub's atomic replace, a retry goes through enqueue (which fails).
+        consumer = super().consume(queue_name, prefetch, timeout)
+        consumer.__class__ = _EnqueueOnlyConsumer
+        return consumer
+
+
+class _EnqueueOnlyConsumer(_StubConsumer):
+    replace = None  # type: ignore[assignment]  # no replace capability: the worker enqueues
 
 
 def test_a_retry_that_cannot_be_stored_dead_letters_the_original_with_the_reason(

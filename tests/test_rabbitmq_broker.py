@@ -1,4 +1,5 @@
-"""RabbitmqBroker on the real RabbitMQ: the conformance machine, the constructor, queue
+"""RabbitmqBroker on the real RabbitMQ (its conformance run is in
+test_conformance_rabbitmq.py): the constructor, queue
 arguments shared with Dramatiq, confirms, a Worker, lost settlements and long delays."""
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pika
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import dq
 from dq import Message, Worker, runtime
-from dq.broker import Broker, MessageProxy
+from dq.broker import MessageProxy
 from dq.brokers import from_url
 from dq.brokers.rabbitmq import (
     MessageUnroutable,
@@ -31,7 +31,6 @@ from dq.brokers.rabbitmq import (
 from dq.core import policy
 from dq.errors import BrokerError, ConnectionClosed, QueueJoinTimeout, QueueNotFound
 from dq.middleware import Retries
-from dq.testing import conformance_test
 from rabbitmq_support import (
     RABBITMQ_URL,
     BrokerFactory,
@@ -47,52 +46,6 @@ from rabbitmq_support import (
 )
 
 __all__ = ["broker_factory", "prefix"]  # fixtures
-
-# -- the conformance machine ---------------------------------------------------------------
-
-# Queue names are global on a server: the machine uses two private ones, which every
-# example's teardown leaves empty (consumers closed, then flush_all).
-_CONFORMANCE = new_prefix("conformance")
-_CONFORMANCE_QUEUES = (f"{_CONFORMANCE}_a", f"{_CONFORMANCE}_b")
-
-
-def _conformance_broker() -> Broker:
-    # The machine's model reserves when next() asks: exact reservations. The default
-    # (subscriptions, as Dramatiq's) is checked by tests/test_rabbitmq_push.py.
-    # Confirmed publishing: a join of one check must count what was just published
-    # (without confirms RabbitMQ may count it a moment later; the publish is written
-    # the same way either way).
-    broker = RabbitmqBroker(
-        url=RABBITMQ_URL,
-        middleware=[],
-        consumer_timeout=86_400_000,
-        exact_reservations=True,
-        confirm_delivery=True,
-    )
-    broker.join_min_successes = 1  # every consumer of these queues is in this process
-    return broker
-
-
-def _dead_letters(broker: Broker, queue_name: str) -> Sequence[str]:
-    return [Message.decode(body).message_id for body, _ in read_queue(policy.xq_name(queue_name))]
-
-
-TestRabbitmqBrokerConformance = conformance_test(
-    _conformance_broker,
-    dead_letters=_dead_letters,
-    queue_names=_CONFORMANCE_QUEUES,
-    consumer_timeout_ms=5,
-    strict_queues=False,
-    max_examples=25,
-    stateful_step_count=25,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _delete_conformance_queues() -> Iterator[None]:
-    yield
-    delete_queues(_CONFORMANCE_QUEUES)
-
 
 # -- fixtures ------------------------------------------------------------------------------
 
@@ -677,3 +630,71 @@ def test_a_waiting_consumer_takes_what_arrives_and_never_more_than_its_prefetch(
     ready, _, _ = broker.get_queue_message_counts(prefix)
     early = len(taken) + len(rest) + ready - len(sent)
     assert early >= 1 and broker.unsettled(prefix) == 0
+
+
+# -- issue 16: the command table, queue names and declare hooks ------------------------------
+
+
+def test_the_command_table_covers_every_core_command() -> None:
+    from dq.brokers.rabbitmq import COMMANDS
+    from dq.brokers.steps import uncovered
+
+    assert uncovered(COMMANDS) == ()
+
+
+def test_declare_hooks_get_the_canonical_name_and_dead_letter_queues_are_refused(
+    broker_factory: BrokerFactory, prefix: str
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Recorder(dq.Middleware):
+        def before_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+            calls.append(("before", queue_name))
+
+        def after_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+            calls.append(("after", queue_name))
+
+    broker = broker_factory(middleware=[Recorder()])
+    with pytest.raises(QueueNotFound):
+        broker.declare_queue(f"{prefix}.XQ")
+    broker.declare_queue(f"{prefix}.DQ")
+    assert calls == [("before", prefix), ("after", prefix)]
+    with pytest.raises(QueueNotFound):  # also once its queue is declared
+        broker.declare_queue(f"{prefix}.XQ")
+    assert calls == [("before", prefix), ("after", prefix)]
+
+
+@pytest.mark.parametrize("template", ["__heartbeats__", "{q}.msgs", "__dq__.deliveries.{q}"])
+def test_names_of_broker_keys_are_refused_and_nothing_is_created(
+    broker_factory: BrokerFactory, prefix: str, template: str
+) -> None:
+    name = template.format(q=prefix)
+    broker = broker_factory(confirm_delivery=True)
+    broker_factory.extra.add(name)
+    with pytest.raises(ValueError, match="invalid queue name"):
+        broker.enqueue(Message(name, "f", (), {}, {}))
+    with pytest.raises(ValueError, match="invalid queue name"):
+        broker.declare_queue(name, ensure=True)
+    with pytest.raises(QueueNotFound):
+        broker.enqueue(Message(f"{prefix}.XQ", "f", (), {}, {}))
+    assert not queue_exists(name)
+
+
+def test_join_sees_what_the_server_already_sent_to_an_idle_subscription(
+    broker: RabbitmqBroker, prefix: str
+) -> None:
+    # Found by the conformance machine in the default consume mode: the server pushes
+    # a new message to a subscribed consumer at once, where it is unacked (not in the
+    # ready count) and, until the consumer reads its socket, not in `unsettled`.
+    broker.declare_queue(prefix)
+    consumer = broker.consume(prefix, prefetch=2, timeout=5)
+    with pytest.raises(StopIteration):
+        next(consumer)  # subscribes, finds nothing
+    for _ in range(5):
+        broker.enqueue(Message(prefix, "f", (), {}, {}))
+        with pytest.raises(QueueJoinTimeout):
+            broker.join(prefix, min_successes=1, timeout=1)
+        message = next(consumer)
+        consumer.ack(message)
+        broker.join(prefix, min_successes=1, timeout=2000)
+    consumer.close()

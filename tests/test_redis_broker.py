@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -17,54 +17,12 @@ from dq import Message, Worker
 from dq.broker import Broker
 from dq.brokers.redis import RedisBroker
 from dq.errors import ConnectionClosed, QueueJoinTimeout, QueueNotFound
-from dq.testing import conformance_test
 from redis_support import client, delete_namespace, keys_under, new_namespace
-
-# -- the conformance machine ---------------------------------------------------------------
-
-_conformance_namespaces: list[str] = []
-
-
-def _conformance_broker() -> Broker:
-    namespace = new_namespace("dq-conformance")
-    _conformance_namespaces.append(namespace)
-    return RedisBroker(namespace=namespace, middleware=[])
-
-
-def _dead_letters(broker: Broker, queue_name: str) -> Sequence[str]:
-    assert isinstance(broker, RedisBroker)
-    conn = broker.client
-    ids = cast(list[bytes], conn.zrange(f"{broker.namespace}:{queue_name}.XQ", 0, -1))
-    if not ids:
-        return []
-    payloads = conn.hmget(f"{broker.namespace}:{queue_name}.XQ.msgs", ids)
-    return [_decode(payload).message_id for payload in payloads]
 
 
 def _decode(payload: object) -> Message[Any]:
     assert isinstance(payload, bytes), payload
     return Message.decode(payload)
-
-
-TestRedisBrokerConformance = conformance_test(
-    _conformance_broker,
-    dead_letters=_dead_letters,
-    consumer_timeout_ms=5,
-    strict_queues=False,
-    broker_options=("redis_message_id",),
-    max_examples=60,
-    stateful_step_count=30,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clean_conformance_namespaces() -> Iterator[None]:
-    yield
-    conn = client()
-    for namespace in _conformance_namespaces:
-        # A closed broker holds nothing: not even its heartbeat is left.
-        assert keys_under(conn, namespace) == [], namespace
-        delete_namespace(conn, namespace)
 
 
 # -- fixtures ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +25,6 @@ from dq.brokers.sqlite import DatabaseBusy, DatabaseUnavailable, SqliteBroker
 from dq.errors import BrokerConnectionError, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
 from dq.middleware import Retries
-from dq.testing import conformance_test
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -36,44 +34,6 @@ def _remove_database(path: str) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + suffix)
-
-
-# -- the conformance machine -------------------------------------------------------------------
-
-_conformance_files: list[str] = []
-
-
-def _conformance_broker() -> Broker:
-    # Each example gets its own file; the previous examples' files are removed here
-    # (their brokers are closed by then) and the last one by the module fixture.
-    while _conformance_files:
-        _remove_database(_conformance_files.pop())
-    fd, path = tempfile.mkstemp(prefix="dq-conformance-", suffix=".sqlite3")
-    os.close(fd)
-    _conformance_files.append(path)
-    return SqliteBroker(path, middleware=[], poll_interval=5)
-
-
-def _dead_letters(broker: Broker, queue_name: str) -> Sequence[str]:
-    assert isinstance(broker, SqliteBroker)
-    return [message_id for message_id, _, _ in broker.dead_letters_of(queue_name)]
-
-
-TestSqliteBrokerConformance = conformance_test(
-    _conformance_broker,
-    dead_letters=_dead_letters,
-    consumer_timeout_ms=2,
-    strict_queues=False,
-    max_examples=200,
-    stateful_step_count=40,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clean_conformance_files() -> Iterator[None]:
-    yield
-    while _conformance_files:
-        _remove_database(_conformance_files.pop())
 
 
 # -- fixtures ------------------------------------------------------------------------------------

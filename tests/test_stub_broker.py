@@ -403,3 +403,178 @@ def test_many_threads_each_message_delivered_exactly_once() -> None:
         t.join()
     assert sorted(seen) == list(range(total))
     broker.join("default", timeout=1000)
+
+
+# -- issue 16: every core command, crashes, names and etas ---------------------------------
+
+
+class _DeclareRecorder(Middleware):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def before_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+        self.calls.append(("before", queue_name))
+
+    def after_declare_queue(self, broker: dq.Broker, queue_name: str) -> None:
+        self.calls.append(("after", queue_name))
+
+
+def test_the_command_table_covers_every_core_command() -> None:
+    from dq.brokers.steps import uncovered
+    from dq.brokers.stub import COMMANDS
+
+    assert uncovered(COMMANDS) == ()
+
+
+def test_declaring_through_the_delay_queue_gives_the_hooks_the_canonical_name() -> None:
+    recorder = _DeclareRecorder()
+    broker = StubBroker(middleware=[recorder])
+    broker.declare_queue("q.DQ")
+    assert recorder.calls == [("before", "q"), ("after", "q")]
+
+
+def test_declaring_a_dead_letter_queue_raises_even_when_its_queue_is_declared() -> None:
+    recorder = _DeclareRecorder()
+    broker = StubBroker(middleware=[recorder])
+    with pytest.raises(QueueNotFound):
+        broker.declare_queue("q.XQ")
+    broker.declare_queue("q")
+    with pytest.raises(QueueNotFound):
+        broker.declare_queue("q.XQ")
+    assert recorder.calls == [("before", "q"), ("after", "q")]  # none for q.XQ
+
+
+@pytest.mark.parametrize("name", ["__heartbeats__", "q.msgs", "__dq__.deliveries.q", "q.DQ.DQ"])
+def test_names_of_broker_keys_are_refused_before_any_hook(name: str) -> None:
+    seen: list[Message[Any]] = []
+
+    class Hook(Middleware):
+        def before_enqueue(self, broker: dq.Broker, message: Any, delay: Any) -> None:
+            seen.append(message)
+
+    broker = StubBroker(middleware=[Hook()])
+    with pytest.raises(ValueError, match="invalid queue name"):
+        broker.enqueue(msg(name))
+    with pytest.raises(ValueError, match="invalid queue name"):
+        broker.declare_queue(name)
+    with pytest.raises(QueueNotFound):
+        broker.enqueue(msg("q.XQ"))
+    assert seen == []
+
+
+@pytest.mark.parametrize("eta", [float("nan"), float("inf"), -1, "soon", 10**20])
+def test_a_bad_eta_is_refused_with_the_message_named(eta: Any) -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("q")
+    bad = Message("q.DQ", "f", (), {}, {"eta": eta})
+    with pytest.raises(ValueError, match=bad.message_id):
+        broker.enqueue(bad)
+    assert len(broker.state.queues["q"].delayed) == 0
+
+
+def test_a_delay_past_the_year_9999_is_refused() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("q")
+    with pytest.raises(ValueError, match="too long"):
+        broker.enqueue(msg("q"), delay=10**20)
+
+
+def test_replace_stores_the_retry_and_forgets_the_original_in_one_step() -> None:
+    events: list[str] = []
+
+    class Hook(Middleware):
+        def before_enqueue(self, broker: dq.Broker, message: Any, delay: Any) -> None:
+            events.append(f"before {message.queue_name} {delay}")
+
+        def after_enqueue(self, broker: dq.Broker, message: Any, delay: Any) -> None:
+            events.append(f"after {message.queue_name} {delay}")
+
+    broker = StubBroker(middleware=[Hook()])
+    broker.declare_queue("q")
+    broker.enqueue(msg("q", 1))
+    consumer = broker.consume("q", timeout=0)
+    proxy = next(consumer)
+    retry = proxy.message.copy(options={"retries": 1})
+    stored = consumer.replace(proxy, retry, 1000)  # type: ignore[attr-defined]
+    assert stored.queue_name == "q.DQ" and stored.options["retries"] == 1
+    assert events == ["before q None", "after q None", "before q.DQ 1000", "after q.DQ 1000"]
+    queue = broker.state.queues["q"]
+    assert (len(queue.ready), len(queue.delayed), queue.in_flight) == (0, 1, 0)
+    with pytest.raises(InvalidTransition):
+        consumer.ack(proxy)  # the original is gone
+
+
+def test_nack_keeps_the_death_reason() -> None:
+    from dq.core import DeathReason
+
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("q")
+    broker.enqueue(msg("q"))
+    consumer = broker.consume("q", timeout=0)
+    proxy = next(consumer)
+    proxy.death_reason = DeathReason.BAD_OPTIONS
+    consumer.nack(proxy)
+    (dead,) = broker.state.queues["q"].dead
+    assert dead.reason is DeathReason.BAD_OPTIONS
+
+
+def test_an_undecodable_payload_is_dead_lettered_as_undecodable() -> None:
+    from dq.core import DeathReason, Enqueue
+
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("q")
+    broker._apply(Enqueue(msg("q"), b"not json"))
+    broker.enqueue(msg("q", 2))
+    consumer = broker.consume("q", timeout=0)
+    assert next(consumer).args == (2,)
+    (dead,) = broker.state.queues["q"].dead
+    assert dead.reason is DeathReason.UNDECODABLE
+
+
+def test_an_abandoned_consumer_holds_its_messages_until_recovered() -> None:
+    broker = StubBroker(middleware=[])
+    broker.declare_queue("q")
+    for i in range(3):
+        broker.enqueue(msg("q", i))
+    consumer = broker.consume("q", prefetch=2, timeout=0)
+    first = next(consumer)
+    assert not consumer.suspect(first)
+    dead_id = broker.abandon(consumer)
+    with pytest.raises(RuntimeError, match="abandoned"):
+        consumer.ack(first)
+    other = broker.consume("q", prefetch=5, timeout=0)
+    assert [m.args for m in other] == [(2,)]  # the dead one still holds 0 and 1
+    with pytest.raises(QueueJoinTimeout):
+        broker.join("q", timeout=1)
+    assert broker.recover() == 2
+    assert broker.recover(dead_id) == 0  # nothing left to give back
+    back = [next(other), next(other)]
+    assert sorted(m.args for m in back) == [(0,), (1,)]
+    assert all(other.suspect(m) for m in back)  # its consumer died holding each
+
+
+def test_max_deliveries_dead_letters_the_poison_message_and_spares_bystanders() -> None:
+    from dq.core import DeathReason
+
+    broker = StubBroker(middleware=[], max_deliveries=2)
+    broker.declare_queue("q")
+    poison = broker.enqueue(msg("q", "poison"))
+    broker.enqueue(msg("q", "bystander"))
+    for _ in range(3):
+        consumer = broker.consume("q", prefetch=2, timeout=0)
+        held = {m.args[0]: m for m in consumer}
+        if "poison" in held:
+            consumer.started(held["poison"], alone=consumer.suspect(held["poison"]))
+        broker.abandon(consumer)
+        broker.recover()
+    (dead,) = broker.state.queues["q"].dead
+    assert dead.entry.message_id == poison.message_id
+    assert dead.reason is DeathReason.MAX_DELIVERIES
+    assert [m.message_id for m in broker.dead_letters_by_queue["q"]] == [poison.message_id]
+    assert [m.args for m in broker.consume("q", timeout=0)] == [("bystander",)]
+
+
+def test_max_deliveries_is_zero_or_at_least_two() -> None:
+    with pytest.raises(ValueError, match="max_deliveries"):
+        StubBroker(max_deliveries=1)
+    assert StubBroker(max_deliveries=0).max_deliveries == 0

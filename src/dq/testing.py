@@ -1,67 +1,144 @@
 """Conformance testing: check a broker against the pure core.
 
 `BrokerConformance` is a Hypothesis rule-based state machine. It drives a broker
-through its public API (declare, enqueue with and without delay, consume, ack,
-nack, requeue, close, flush, join) and applies the same operations to `dq.core`,
-the oracle; after every step it checks that the broker delivered what the core
-says it must (the same messages, in FIFO order, nothing when nothing is due to be
-delivered), raised where the core refuses, and drains when the core says it is
-empty. Every broker dq ships runs it; so can yours::
+through its public API (declare, enqueue with and without delay, consume, ack, nack,
+requeue, promote, replace, start, close, flush, join; with `Crashes`, consumers that
+die and recovery) and applies the same commands to `dq.core`, the oracle. It accepts
+every behaviour the consumer contract allows and nothing else:
+
+* A consumer may reserve at any time up to ``prefetch`` unsettled messages: what it
+  reserved and has not handed out is invisible, so the model records a reservation
+  (`dq.core.Reserve`) only when ``next()`` reveals it.
+* ``next()`` returns a message the core says is waiting on that queue, with the bytes
+  it was stored with: never one settled, dead-lettered, held by a consumer, flushed or
+  never stored, and never more than ``prefetch`` unsettled at once.
+* FIFO where it is certain: among messages never returned to a queue (requeued,
+  released by a close, recovered), a consumer hands them out in the order they were
+  stored; it may skip one only if another open consumer of the queue has room to
+  hold it unseen, or (delay queues) it is not due yet.
+* ``StopIteration`` is allowed unless the consumer holds nothing and the model proves
+  a message is there for it: more messages wait than the other consumers of the
+  queue have room to hold unseen (on a delay queue: due ones, while fewer not-due
+  ones wait than its prefetch). A broker that delivers asynchronously gets
+  ``delivery_patience_ms`` to deliver it.
+* Dead letters, joins, declare hooks, refused queue names and delivery counts
+  (``suspect``) agree with the core.
+
+Every broker dq ships runs it; so can yours::
 
     from dq.testing import conformance_test
 
     TestMyBroker = conformance_test(lambda: MyBroker(...), max_examples=200)
 
 The broker factory is called once per example and must return a broker with no
-queues declared (a fresh namespace on a shared server).
+queues declared (a fresh namespace on a shared server). Pass ``crashes`` (a
+`Crashes` subclass) to add crash and recovery steps.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import attrs
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from dq import core
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.core import policy
-from dq.core.machine import pending
+from dq.core.machine import deliveries_of, pending, waiting
 from dq.errors import QueueJoinTimeout, QueueNotFound
 from dq.message import Message
+from dq.middleware import Middleware
 
-__all__ = ["BrokerConformance", "conformance_test"]
+__all__ = ["BrokerConformance", "Crashes", "conformance_test"]
 
 #: Reads a broker's dead letters of a canonical queue (message ids, oldest first).
 DeadLetterReader = Callable[[Broker, str], Sequence[str]]
+
+
+class Crashes:
+    """How a broker's consumers die and come back: the machine's crash steps.
+
+    Subclass it for your broker and pass the class (or any callable taking the
+    broker) as ``conformance_test(..., crashes=...)``; one instance is made per
+    example, with that example's broker.
+
+    Attributes:
+        broker: the example's broker (the machine enqueues, flushes and joins on it).
+        max_deliveries: the delivery cap the broker applies when it recovers (0: none);
+            the model dead-letters with the same cap.
+        expires_leases: recovery is lease expiry (the model renews the live
+            consumers' leases, then applies `dq.core.ExpireLeases`) rather than
+            `dq.core.Recover` of each dead consumer.
+        recovers_at_once: the death itself gives back what the consumer held (a
+            server that requeues a closed connection's deliveries): the model applies
+            `dq.core.Recover` at the crash, and `recover` is never called.
+    """
+
+    max_deliveries: int = 0
+    expires_leases: bool = False
+    recovers_at_once: bool = False
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def consume(self, queue_name: str, prefetch: int, timeout: int) -> Consumer:
+        """Open a consumer that can die on its own (on a broker of its own, when the
+        broker's unit of death is a process). The default: ``broker.consume``."""
+        return self.broker.consume(queue_name, prefetch=prefetch, timeout=timeout)
+
+    def crash(self, consumer: Consumer) -> None:
+        """Make ``consumer`` die holding what it holds: it is never used, settled or
+        closed again. Return once the broker would see it dead."""
+        raise NotImplementedError
+
+    def recover(self) -> None:
+        """Have the broker give back what every dead consumer held (return once it
+        has): a reaper's tick, lease expiry."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what `consume` made (called at the end of each example)."""
 
 
 @attrs.define
 class _Held:
     proxy: MessageProxy
     seq: int
+    started: bool = False
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _ConsumerRecord:
     consumer: Consumer
     consumer_id: str
     queue_name: str
     prefetch: int
+    crashable: bool = False  # opened by `Crashes.consume`
     held: list[_Held] = attrs.field(factory=list)
-    # Reserved by the consumer's last batch and not handed out yet.
-    buffer: deque[core.Entry] = attrs.field(factory=deque)
+
+    @property
+    def room(self) -> bool:
+        """Whether it may hold messages it has not handed out yet."""
+        return len(self.held) < self.prefetch
+
+
+class _Hooks(Middleware):
+    """Records the queue names the declare hooks get."""
+
+    def __init__(self) -> None:
+        self.before: list[str] = []
+        self.after: list[str] = []
+
+    def before_declare_queue(self, broker: Broker, queue_name: str) -> None:
+        self.before.append(queue_name)
+
+    def after_declare_queue(self, broker: Broker, queue_name: str) -> None:
+        self.after.append(queue_name)
 
 
 _JSONish = st.recursive(
@@ -72,6 +149,9 @@ _JSONish = st.recursive(
     max_leaves=6,
 )
 
+#: Queue names no message may be stored on (each collides with a broker's own keys).
+_RESERVED_NAMES = ("__heartbeats__", "__dq__.deliveries.{q}", "__acks__.x.{q}", "{q}.msgs")
+
 
 class _Fixed:
     """Stands in for ``st.data()`` when one rule reuses another with a known choice."""
@@ -81,6 +161,10 @@ class _Fixed:
 
     def draw(self, strategy: Any) -> Any:
         return self.value
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
 
 
 class BrokerConformance(RuleBasedStateMachine):
@@ -96,7 +180,13 @@ class BrokerConformance(RuleBasedStateMachine):
             Dramatiq's Redis broker, let a producer send to queues declared by other
             processes set it to False; the machine then never uses undeclared queues.
         broker_options: options a broker adds to the messages it stores (such as
-            ``redis_message_id``), ignored when comparing a promoted copy.
+            ``redis_message_id``), ignored when comparing a stored copy.
+        crashes: makes the example's `Crashes`, or None: no crash steps.
+        delivery_patience_ms: how long a consumer may take, over several ``next()``
+            calls, to deliver a message the model proves is there for it.
+        check_queue_names: the broker must refuse names no message may be stored on
+            (``.XQ`` names, to declare or enqueue to, and names of broker keys).
+        check_declare_hooks: the declare hooks must get the canonical queue name.
     """
 
     broker_factory: ClassVar[Callable[[], Broker]]
@@ -105,142 +195,349 @@ class BrokerConformance(RuleBasedStateMachine):
     dead_letters: ClassVar[DeadLetterReader | None] = None
     strict_queues: ClassVar[bool] = True
     broker_options: ClassVar[tuple[str, ...]] = ()
+    crashes: ClassVar[Callable[[Broker], Crashes] | None] = None
+    delivery_patience_ms: ClassVar[int] = 2000
+    check_queue_names: ClassVar[bool] = True
+    check_declare_hooks: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
         self.broker = type(self).broker_factory()
+        self.hooks = _Hooks()
+        self.broker.add_middleware(self.hooks)
+        make_crashes = type(self).crashes
+        self.crash_hooks: Crashes | None = (
+            None if make_crashes is None else make_crashes(self.broker)
+        )
         self.model = core.initial_state()
         self.consumers: list[_ConsumerRecord] = []
-        self.stored: dict[str, bytes] = {}  # message_id -> the encoding enqueue returned
+        self.dead: list[_ConsumerRecord] = []  # died, not recovered yet
+        self.ordered: set[int] = set()  # seqs never returned to a queue since stored
         self.next_consumer = 0
+        # Model time of leases: each recovery round renews the live consumers' leases
+        # to the new round and expires every lease of an earlier one.
+        self.lease_round = 0
 
     def teardown(self) -> None:
         for record in self.consumers:
             record.consumer.close()
+        if self.crash_hooks is not None:
+            if self.dead:
+                self.crash_hooks.recover()
+            self.crash_hooks.close()
         self.broker.flush_all()
         self.broker.close()
 
-    # -- helpers --------------------------------------------------------------------
+    # -- the model ------------------------------------------------------------------------
 
     def _apply(self, command: core.Command) -> core.Step:
         step = core.apply(self.model, command)
         self.model = step.state
+        for event in step.events:
+            if isinstance(event, core.events.Enqueued):
+                self.ordered.add(event.row[0])
+            elif isinstance(event, core.events.Replaced | core.events.Promoted):
+                self.ordered.add(event.new.seq)
+            elif isinstance(event, core.events.Requeued | core.events.Recovered):
+                self.ordered.discard(event.entry.seq)
         return step
 
     def _declared(self, queue_name: str) -> bool:
         return policy.q_name(queue_name) in self.model.queues
+
+    def _lease(self) -> int | None:
+        hooks = self.crash_hooks
+        return self.lease_round if hooks is not None and hooks.expires_leases else None
+
+    def _others_room(self, record: _ConsumerRecord) -> int:
+        """How many messages the other open consumers of its queue may hold unseen."""
+        return sum(
+            r.prefetch - len(r.held)
+            for r in self.consumers
+            if r is not record and r.queue_name == record.queue_name
+        )
+
+    def _forget_order(self, queue_name: str) -> None:
+        """A consumer with room closed or died: what it held unseen went back to the
+        queue, in an order nobody knows."""
+        for entry in waiting(self.model, queue_name):
+            self.ordered.discard(entry.seq)
+
+    def _reserve(self, record: _ConsumerRecord, seq: int) -> None:
+        """Record that ``record``'s consumer reserved entry ``seq`` (waiting on its
+        queue), leaving the others waiting."""
+        rows = waiting(self.model, record.queue_name)
+        index = next(i for i, entry in enumerate(rows) if entry.seq == seq)
+        step = self._apply(
+            core.Reserve(record.queue_name, record.consumer_id, index + 1, self._lease())
+        )
+        (event,) = step.events
+        assert isinstance(event, core.events.Reserved)
+        ordered = set(self.ordered)
+        for skipped in event.entries[:-1]:  # the model's order only: they stay waiting
+            self._apply(core.Requeue(skipped.seq))
+        self.ordered = ordered
+
+    def _must_deliver(self, record: _ConsumerRecord) -> bool:
+        """Whether the model proves a message is there for ``record``'s consumer."""
+        if record.held:
+            return False  # it may wait for room for a batch
+        now = _now()
+        entries = waiting(self.model, record.queue_name)
+        due = [e for e in entries if e.eta_ms is None or e.eta_ms <= now]
+        if len(entries) - len(due) >= record.prefetch:
+            return False  # it may hold back that many messages that are not due
+        return len(due) > self._others_room(record)
+
+    def _check_order(self, record: _ConsumerRecord, entry: core.Entry) -> None:
+        if entry.seq not in self.ordered:
+            return
+        if self._others_room(record):
+            return  # another consumer may hold what comes first
+        now = _now()
+        for earlier in waiting(self.model, record.queue_name):
+            if earlier.seq < entry.seq and earlier.seq in self.ordered:
+                assert earlier.eta_ms is not None and earlier.eta_ms > now, (
+                    f"{record.consumer_id} delivered {entry.message_id} (stored #{entry.seq}) "
+                    f"before {earlier.message_id} (stored #{earlier.seq}), which waits in "
+                    f"front of it on {record.queue_name!r} and no other consumer may hold"
+                )
 
     # -- rules ------------------------------------------------------------------------
 
     @initialize()
     def declare_first_queue(self) -> None:
         # The second queue starts undeclared, so QueueNotFound paths are exercised too.
-        self.declare_queue(0)
-        self.open_consumer(0, False, 2)
+        self.declare_queue(0, False)
+        self.open_consumer(0, False, 2, True)
 
-    @rule(index=st.integers(0, 1))
-    def declare_queue(self, index: int) -> None:
+    @rule(index=st.integers(0, 1), delay_name=st.booleans())
+    def declare_queue(self, index: int, delay_name: bool) -> None:
         name = self.queue_names[index]
-        self.broker.declare_queue(name)
+        new = not self._declared(name)
+        before = len(self.hooks.before)
+        self.broker.declare_queue(policy.dq_name(name) if delay_name else name)
         self._apply(core.DeclareQueue(name))
         assert name in self.broker.get_declared_queues()
+        if self.check_declare_hooks and new:
+            assert self.hooks.before[before:] == [name], ("before_declare_queue", name)
+            assert self.hooks.after[-1:] == [name], ("after_declare_queue", name)
+
+    @rule(index=st.integers(0, 1), kind=st.integers(0, len(_RESERVED_NAMES)))
+    def refuse_bad_name(self, index: int, kind: int) -> None:
+        """A dead-letter queue or a broker's own key is never a place to store on."""
+        if not self.check_queue_names:
+            return
+        name = self.queue_names[index]
+        declared = set(self.broker.get_declared_queues())
+        if kind == len(_RESERVED_NAMES):
+            try:
+                self.broker.declare_queue(policy.xq_name(name))
+            except QueueNotFound:
+                pass
+            else:
+                raise AssertionError(f"declare_queue({policy.xq_name(name)!r}) did not raise")
+            bad = policy.xq_name(name)
+        else:
+            bad = _RESERVED_NAMES[kind].format(q=name)
+        assert set(self.broker.get_declared_queues()) == declared
+        message: Message[Any] = Message(bad, "conformance_actor", (), {}, {})
+        try:
+            self.broker.enqueue(message)
+        except (QueueNotFound, ValueError):
+            return
+        raise AssertionError(f"enqueue on {bad!r} did not raise")
 
     @rule(
         index=st.integers(0, 1),
-        args=st.lists(st.integers(0, 9), max_size=2) | st.lists(_JSONish, max_size=3),
-        delay=st.none() | st.none() | st.integers(0, 10_000_000),
+        batch=st.lists(
+            st.tuples(
+                st.lists(st.integers(0, 9), max_size=2) | st.lists(_JSONish, max_size=3),
+                st.none() | st.none() | st.none() | st.integers(0, 50) | st.integers(0, 10**7),
+            ),
+            min_size=1,
+            max_size=4,
+        ),
     )
-    def enqueue(self, index: int, args: list[Any], delay: int | None) -> None:
+    def enqueue(self, index: int, batch: list[tuple[list[Any], int | None]]) -> None:
         name = self.queue_names[index]
-        message: Message[Any] = Message(
-            name, "conformance_actor", tuple(args), {"k": 1}, {"o": "x"}
-        )
-        if not self._declared(name):
-            if not self.strict_queues:
-                return
-            try:
-                self.broker.enqueue(message, delay=delay)
-            except QueueNotFound:
-                return
-            raise AssertionError(f"enqueue on undeclared {name!r} did not raise QueueNotFound")
-        before = int(time.time() * 1000)
-        stored = self.broker.enqueue(message, delay=delay)
-        after = int(time.time() * 1000) + 1
+        for args, delay in batch:
+            message: Message[Any] = Message(
+                name, "conformance_actor", tuple(args), {"k": 1}, {"o": "x"}
+            )
+            if not self._declared(name):
+                if not self.strict_queues:
+                    return
+                try:
+                    self.broker.enqueue(message, delay=delay)
+                except QueueNotFound:
+                    return
+                raise AssertionError(f"enqueue on undeclared {name!r} did not raise QueueNotFound")
+            before = _now()
+            stored = self.broker.enqueue(message, delay=delay)
+            self._stored(message, stored, delay, before)
+            self._apply(core.Enqueue(stored, stored.encode()))
+
+    def _stored(
+        self, message: Message[Any], stored: Message[Any], delay: int | None, before: int
+    ) -> None:
+        """Check ``stored``, what the broker says it stored for ``message`` (enqueued or
+        as a replacement with ``delay``)."""
+        after = _now() + 1
         assert stored.message_id == message.message_id
         assert stored.args == message.args
+        assert stored.actor_name == message.actor_name
+        name = policy.q_name(message.queue_name)
         if delay is None:
-            assert stored.queue_name == name
-            assert "eta" not in stored.options
+            assert stored.queue_name == message.queue_name
+            assert stored.options.get("eta") == message.options.get("eta")
         else:
             assert stored.queue_name == policy.dq_name(name)
             eta = stored.options["eta"]
             assert before + delay <= eta <= after + delay, (before, delay, eta, after)
-        payload = stored.encode()
-        self.stored[stored.message_id] = payload
-        self._apply(core.Enqueue(stored, payload))
+        for option in self.broker_options:
+            assert option in stored.options, (option, stored)
 
-    @rule(index=st.integers(0, 1), delay_queue=st.booleans(), prefetch=st.integers(1, 3))
-    def open_consumer(self, index: int, delay_queue: bool, prefetch: int) -> None:
+    @rule(
+        index=st.integers(0, 1),
+        delay_queue=st.booleans(),
+        prefetch=st.integers(1, 3),
+        crashable=st.booleans(),
+    )
+    def open_consumer(self, index: int, delay_queue: bool, prefetch: int, crashable: bool) -> None:
         name = self.queue_names[index]
         if delay_queue:
             name = policy.dq_name(name)
+        timeout = self.consumer_timeout_ms
         if not self._declared(name):
             if not self.strict_queues:
                 return
             try:
-                self.broker.consume(name, prefetch=prefetch, timeout=self.consumer_timeout_ms)
+                self.broker.consume(name, prefetch=prefetch, timeout=timeout)
             except QueueNotFound:
                 return
             raise AssertionError(f"consume on undeclared {name!r} did not raise QueueNotFound")
-        consumer = self.broker.consume(name, prefetch=prefetch, timeout=self.consumer_timeout_ms)
+        self._open(name, prefetch, crashable=crashable)
+
+    def _open(self, name: str, prefetch: int, *, crashable: bool) -> None:
+        timeout = self.consumer_timeout_ms
+        crashable = crashable and self.crash_hooks is not None
+        if crashable:
+            assert self.crash_hooks is not None
+            consumer = self.crash_hooks.consume(name, prefetch, timeout)
+        else:
+            consumer = self.broker.consume(name, prefetch=prefetch, timeout=timeout)
         self.next_consumer += 1
         self.consumers.append(
-            _ConsumerRecord(consumer, f"model-consumer-{self.next_consumer}", name, prefetch)
+            _ConsumerRecord(
+                consumer, f"model-consumer-{self.next_consumer}", name, prefetch, crashable
+            )
         )
 
     @precondition(lambda self: self.consumers)
     @rule(data=st.data())
     def next_message(self, data: st.DataObject | _Fixed) -> None:
-        record = data.draw(st.sampled_from(self.consumers))
-        # A consumer with nothing buffered reserves as much as its prefetch allows, in
-        # one batch, then hands the batch out in order.
-        # It reserves only when at least half its prefetch window (at least one) is free.
-        room = record.prefetch - len(record.held)
-        if not record.buffer and room >= max(1, record.prefetch // 2):
-            step = self._apply(core.Reserve(record.queue_name, record.consumer_id, room))
-            for event in step.events:
-                assert isinstance(event, core.events.Reserved)
-                record.buffer.extend(event.entries)
-        expected = record.buffer.popleft() if record.buffer else None
-        try:
-            proxy = next(record.consumer)
-        except StopIteration:
-            assert expected is None, f"the core delivers {expected!r}; the broker delivered none"
+        record: _ConsumerRecord = data.draw(st.sampled_from(self.consumers))
+        must = self._must_deliver(record)
+        deadline = time.monotonic() + self.delivery_patience_ms / 1000
+        proxy: MessageProxy | None = None
+        while proxy is None:
+            try:
+                proxy = next(record.consumer)
+            except StopIteration:
+                if not must:
+                    return
+                assert time.monotonic() < deadline, (
+                    f"{record.consumer_id} holds nothing and delivered nothing in "
+                    f"{self.delivery_patience_ms} ms, but "
+                    f"{len(waiting(self.model, record.queue_name))} messages wait on "
+                    f"{record.queue_name!r} and its other consumers may hold at most "
+                    f"{self._others_room(record)}"
+                )
+        assert len(record.held) < record.prefetch, (
+            f"{record.consumer_id} delivered {proxy.message_id} while holding "
+            f"{len(record.held)} unsettled messages (prefetch {record.prefetch})"
+        )
+        assert proxy.queue_name == record.queue_name, (proxy.queue_name, record.queue_name)
+        entry = next(
+            (e for e in waiting(self.model, record.queue_name) if e.message_id == proxy.message_id),
+            None,
+        )
+        if entry is None:
+            holder = [
+                r.consumer_id
+                for r in (*self.consumers, *self.dead)
+                for h in r.held
+                if h.proxy.message_id == proxy.message_id
+            ]
+            raise AssertionError(
+                f"{record.consumer_id} delivered {proxy.message_id}, which is not waiting on "
+                f"{record.queue_name!r}: "
+                + (f"held by {holder}" if holder else "settled, flushed or never stored")
+            )
+        assert proxy.message.encode() == entry.payload, (proxy.message, entry)
+        self._check_order(record, entry)
+        self._reserve(record, entry.seq)
+        record.held.append(_Held(proxy, entry.seq))
+        self._check_suspect(record, record.held[-1])
+
+    def _check_suspect(self, record: _ConsumerRecord, held: _Held) -> None:
+        hooks = self.crash_hooks
+        if hooks is None or not hooks.max_deliveries:
             return
-        assert expected is not None, f"the core delivers nothing; the broker delivered {proxy!r}"
-        assert proxy.message_id == expected.message_id, (proxy, expected)
-        assert proxy.queue_name == expected.queue_name
-        assert proxy.message.encode() == self.stored[expected.message_id]
-        record.held.append(_Held(proxy, expected.seq))
+        if type(record.consumer).suspect is Consumer.suspect:
+            return  # it offers no delivery count
+        expected = deliveries_of(self.model, held.seq) > 0
+        assert record.consumer.suspect(held.proxy) == expected, (
+            f"suspect({held.proxy.message_id}) should be {expected}: its consumers died "
+            f"holding it {deliveries_of(self.model, held.seq)} times"
+        )
 
     @precondition(lambda self: self.consumers)
-    @rule(data=st.data(), outcome=st.sampled_from(["ack", "nack", "requeue"]))
-    def process(self, data: st.DataObject, outcome: str) -> None:
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from([core.Ack, core.Nack, core.Requeue, core.Replace]),
+    )
+    def process(self, data: st.DataObject, outcome: type[core.Command]) -> None:
         """Take the next message of a consumer and settle it at once (a worker's cycle)."""
         record = data.draw(st.sampled_from(self.consumers))
         self.next_message(_Fixed(record))
         if not record.held:
             return
-        held = record.held.pop()
-        if outcome == "ack":
+        self._settle(record, record.held.pop(), outcome, data)
+
+    def _settle(
+        self,
+        record: _ConsumerRecord,
+        held: _Held,
+        outcome: type[core.Command],
+        data: st.DataObject,
+    ) -> None:
+        if outcome is core.Ack:
             record.consumer.ack(held.proxy)
             self._apply(core.Ack(held.seq))
-        elif outcome == "nack":
+        elif outcome is core.Nack:
+            reason = data.draw(st.sampled_from(core.DeathReason))
+            held.proxy.death_reason = reason
             record.consumer.nack(held.proxy)
-            self._apply(core.Nack(held.seq, int(time.time() * 1000)))
-        else:
+            self._apply(core.Nack(held.seq, _now(), reason))
+        elif outcome is core.Requeue:
             record.consumer.requeue([held.proxy])
             self._apply(core.Requeue(held.seq))
+        else:
+            replace = getattr(record.consumer, "replace", None)
+            if replace is None:  # no atomic replace: settle it as done instead
+                record.consumer.ack(held.proxy)
+                self._apply(core.Ack(held.seq))
+                return
+            message = held.proxy.message
+            retries = int(message.options.get("retries") or 0) + 1
+            new = policy.promoted(message).copy(options={"retries": retries})
+            delay = data.draw(st.none() | st.integers(0, 50) | st.integers(0, 10_000_000))
+            before = _now()
+            stored = replace(held.proxy, new, delay)
+            self._stored(new, stored, delay, before)
+            self._apply(core.Replace(held.seq, stored, stored.encode()))
 
     @precondition(lambda self: self.consumers)
     @rule(data=st.data(), times=st.integers(2, 4))
@@ -259,25 +556,13 @@ class BrokerConformance(RuleBasedStateMachine):
         return any(r.held for r in self.consumers)
 
     @precondition(_any_held)
-    @rule(data=st.data())
-    def ack(self, data: st.DataObject) -> None:
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from([core.Ack, core.Nack, core.Requeue, core.Replace]),
+    )
+    def settle(self, data: st.DataObject, outcome: type[core.Command]) -> None:
         record, held = self._pick_held(data)
-        record.consumer.ack(held.proxy)
-        self._apply(core.Ack(held.seq))
-
-    @precondition(_any_held)
-    @rule(data=st.data())
-    def nack(self, data: st.DataObject) -> None:
-        record, held = self._pick_held(data)
-        record.consumer.nack(held.proxy)
-        self._apply(core.Nack(held.seq, int(time.time() * 1000)))
-
-    @precondition(_any_held)
-    @rule(data=st.data())
-    def requeue(self, data: st.DataObject) -> None:
-        record, held = self._pick_held(data)
-        record.consumer.requeue([held.proxy])
-        self._apply(core.Requeue(held.seq))
+        self._settle(record, held, outcome, data)
 
     @precondition(lambda self: any(r.held and r.queue_name.endswith(".DQ") for r in self.consumers))
     @rule(data=st.data())
@@ -296,9 +581,32 @@ class BrokerConformance(RuleBasedStateMachine):
             assert option in stored.options, (option, stored)
             expected = expected.copy(options={option: stored.options[option]})
         assert stored == expected
-        payload = stored.encode()
-        self.stored[stored.message_id] = payload
-        self._apply(core.Promote(held.seq, stored, payload))
+        self._apply(core.Promote(held.seq, stored, stored.encode()))
+
+    @precondition(
+        lambda self: any(
+            not h.started and not policy.is_delay_queue(r.queue_name)
+            for r in self.consumers
+            for h in r.held
+        )
+    )
+    @rule(data=st.data(), alone=st.booleans())
+    def start(self, data: st.DataObject, alone: bool) -> None:
+        """Report that a held message starts running (`dq.core.Start`)."""
+        record = data.draw(
+            st.sampled_from(
+                [
+                    r
+                    for r in self.consumers
+                    if not policy.is_delay_queue(r.queue_name)
+                    and any(not h.started for h in r.held)
+                ]
+            )
+        )
+        held = data.draw(st.sampled_from([h for h in record.held if not h.started]))
+        record.consumer.started(held.proxy, alone=alone)
+        held.started = True
+        self._apply(core.Start(held.seq, alone))
 
     @precondition(lambda self: self.consumers)
     @rule(data=st.data())
@@ -306,18 +614,95 @@ class BrokerConformance(RuleBasedStateMachine):
         record = self.consumers.pop(data.draw(st.integers(0, len(self.consumers) - 1)))
         record.consumer.close()
         self._apply(core.Release(record.consumer_id))
+        if record.room:
+            self._forget_order(record.queue_name)
 
-    @rule(index=st.integers(0, 2))
-    def flush(self, index: int) -> None:
-        if index == 2:  # every queue
+    def _can_crash(self, record: _ConsumerRecord) -> bool:
+        # Only a consumer known to hold nothing unseen: the model then knows exactly
+        # what it held, and so every delivery count.
+        return not record.room or not waiting(self.model, record.queue_name)
+
+    @precondition(lambda self: any(r.crashable for r in self.consumers))
+    @rule(data=st.data(), poison=st.booleans())
+    def crash(self, data: st.DataObject, poison: bool) -> None:
+        """A consumer takes what it can, maybe starts one message alone (``poison``),
+        and dies holding it all (it is never closed)."""
+        hooks = self.crash_hooks
+        assert hooks is not None
+        record: _ConsumerRecord = data.draw(
+            st.sampled_from([r for r in self.consumers if r.crashable])
+        )
+        while not self._can_crash(record):
+            count = len(record.held)
+            self.next_message(_Fixed(record))
+            if len(record.held) == count:
+                return  # it may hold messages unseen: the model could not follow
+        if poison and not policy.is_delay_queue(record.queue_name):
+            fresh = [h for h in record.held if not h.started]
+            # A worker runs suspects alone: the poison is most likely one of them.
+            suspects = [h for h in fresh if deliveries_of(self.model, h.seq)]
+            fresh = suspects or fresh
+            if fresh:
+                held = data.draw(st.sampled_from(fresh))
+                record.consumer.started(held.proxy, alone=True)
+                held.started = True
+                self._apply(core.Start(held.seq, True))
+        self.consumers.remove(record)
+        hooks.crash(record.consumer)
+        self.dead.append(record)
+        if hooks.recovers_at_once:
+            self._recover_model()
+        # A supervisor starts a new process in its place.
+        self._open(record.queue_name, record.prefetch, crashable=True)
+
+    @precondition(lambda self: self.dead)
+    @rule()
+    def recover(self) -> None:
+        """The broker gives back what the dead consumers held."""
+        assert self.crash_hooks is not None
+        self.crash_hooks.recover()
+        self._recover_model()
+
+    def _recover_model(self) -> None:
+        hooks = self.crash_hooks
+        assert hooks is not None
+        now = _now()
+        if hooks.expires_leases:
+            self.lease_round += 1
+            for record in self.consumers:  # the live consumers' keepers renew them
+                self._apply(core.Renew(record.consumer_id, self.lease_round))
+            self._apply(core.ExpireLeases(self.lease_round, hooks.max_deliveries))
+        else:
+            for record in self.dead:
+                self._apply(core.Recover(record.consumer_id, now, hooks.max_deliveries))
+        self.dead.clear()
+
+    @rule(index=st.integers(0, 2), draw=st.integers(0, 3))
+    def flush(self, index: int, draw: int) -> None:
+        if draw:  # one draw in four: a flush drops everything the other steps built
+            return
+        names = self.queue_names if index == 2 else (self.queue_names[index],)
+        names = tuple(name for name in names if self._declared(name))
+        if not names:
+            return
+        # Messages a consumer holds unseen would survive the flush, and the model
+        # cannot know which: such consumers close first (what they hold goes back).
+        for record in list(self.consumers):
+            if (
+                record.room
+                and policy.q_name(record.queue_name) in names
+                and waiting(self.model, record.queue_name)
+            ):
+                self.consumers.remove(record)
+                record.consumer.close()
+                self._apply(core.Release(record.consumer_id))
+                self._forget_order(record.queue_name)
+        if index == 2:
             self.broker.flush_all()
             self._apply(core.FlushAll())
-            return
-        name = self.queue_names[index]
-        if not self._declared(name):
-            return
-        self.broker.flush(name)
-        self._apply(core.Flush(name))
+        else:
+            self.broker.flush(names[0])
+            self._apply(core.Flush(names[0]))
 
     # -- invariants ---------------------------------------------------------------------
 
@@ -361,6 +746,10 @@ def conformance_test(
     broker_options: tuple[str, ...] = (),
     max_examples: int = 200,
     stateful_step_count: int = 50,
+    crashes: Callable[[Broker], Crashes] | None = None,
+    delivery_patience_ms: int = 2000,
+    check_queue_names: bool = True,
+    check_declare_hooks: bool = True,
 ) -> Any:
     """Return a ``unittest.TestCase`` class running `BrokerConformance` on a broker.
 
@@ -373,6 +762,11 @@ def conformance_test(
         broker_options: see `BrokerConformance`.
         max_examples: how many runs Hypothesis makes.
         stateful_step_count: the most steps in one run.
+        crashes: makes each example's `Crashes` from its broker (a `Crashes`
+            subclass will do); None: no crash steps.
+        delivery_patience_ms: see `BrokerConformance`.
+        check_queue_names: see `BrokerConformance`.
+        check_declare_hooks: see `BrokerConformance`.
     """
     machine: Any = type(
         "BrokerConformanceMachine",
@@ -384,6 +778,10 @@ def conformance_test(
             "consumer_timeout_ms": consumer_timeout_ms,
             "strict_queues": strict_queues,
             "broker_options": broker_options,
+            "crashes": None if crashes is None else staticmethod(crashes),
+            "delivery_patience_ms": delivery_patience_ms,
+            "check_queue_names": check_queue_names,
+            "check_declare_hooks": check_declare_hooks,
         },
     )
     case = machine.TestCase

@@ -67,8 +67,30 @@ from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._buffered import BufferedConsumer
 from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
+from dq.brokers.steps import Cannot, CommandTable, ServerStep
 from dq.common import getenv_int
-from dq.core import DeclareQueue, apply, initial_state, policy
+from dq.core import (
+    Ack,
+    AckMany,
+    DeclareQueue,
+    Enqueue,
+    ExpireDeadLetters,
+    ExpireLeases,
+    Flush,
+    FlushAll,
+    Nack,
+    Promote,
+    Recover,
+    Release,
+    Renew,
+    Replace,
+    Requeue,
+    Reserve,
+    Start,
+    apply,
+    initial_state,
+    policy,
+)
 from dq.core import events as ev
 from dq.errors import (
     BrokerError,
@@ -83,6 +105,7 @@ from dq.middleware import Middleware
 from dq.wire import decode_message, encode_message
 
 __all__ = [
+    "COMMANDS",
     "DEAD_MESSAGE_TTL",
     "DEFAULT_CONSUMER_TIMEOUT",
     "MAX_DECLARE_ATTEMPTS",
@@ -120,6 +143,61 @@ _PARAMETER_NAMES = frozenset(
     for name in inspect.signature(pika.ConnectionParameters.__init__).parameters
     if name not in ("self", "_DEFAULT")
 )
+
+
+#: How each core command is carried out on RabbitMQ: one AMQP sequence each, named
+#: after the command, or why RabbitMQ cannot (and what happens instead). The server
+#: keeps the queues; dq decides what to publish, ack or nack.
+COMMANDS: CommandTable = {
+    DeclareQueue: ServerStep(
+        "queue.declare q, q.DQ, q.XQ", "idempotent declares with Dramatiq's arguments"
+    ),
+    Enqueue: ServerStep(
+        "basic.publish", "one persistent publish (confirmed with confirm_delivery)"
+    ),
+    Reserve: ServerStep(
+        "basic.qos + basic.consume",
+        "the server sends up to prefetch unacked deliveries (a subscription; with "
+        "exact_reservations, a consume cancelled once the free room arrived)",
+    ),
+    Ack: ServerStep("basic.ack", "one ack frame"),
+    AckMany: ServerStep("basic.ack multiple", "one ack frame settling every tag up to one"),
+    Nack: ServerStep(
+        "basic.nack requeue=false",
+        "the server dead-letters to q.XQ (x-dead-letter-routing-key) in the same step",
+    ),
+    Requeue: ServerStep("publish confirmed, then basic.ack", "the copy is stored first"),
+    Promote: ServerStep("publish to q confirmed, then basic.ack", "the copy is stored first"),
+    Replace: ServerStep(
+        "publish to q or q.DQ confirmed, then basic.ack", "the retry is stored first"
+    ),
+    Start: Cannot(
+        "RabbitMQ keeps no per-message run state: it counts no deliveries, so there "
+        "is no delivery cap (redelivered messages carry the redelivered flag)"
+    ),
+    Recover: ServerStep(
+        "connection close",
+        "the server requeues every unacked delivery of a closed channel itself "
+        "(no delivery count: RabbitMQ has no cap)",
+    ),
+    Renew: Cannot(
+        "the server tracks live consumers by their connection, not by leases; its "
+        "consumer_timeout plays the lease's role (dq re-leases far delays under it)"
+    ),
+    ExpireLeases: Cannot(
+        "no leases: a consumer holding a delivery past consumer_timeout has its channel "
+        "closed by the server, which requeues the delivery"
+    ),
+    ExpireDeadLetters: Cannot(
+        "the x-message-ttl argument of q.XQ makes the server drop old dead letters"
+    ),
+    Flush: ServerStep("queue.purge q, q.DQ, q.XQ", "unacked deliveries stay with consumers"),
+    FlushAll: ServerStep("queue.purge of every declared queue", "one flush per queue"),
+    Release: ServerStep(
+        "publish each held delivery confirmed, then basic.ack; close",
+        "what the consumer held is stored at the tail before it is acked",
+    ),
+}
 
 
 class RabbitmqConnectionClosed(ConnectionClosed, pika.exceptions.AMQPConnectionError):
@@ -694,12 +772,16 @@ class RabbitmqBroker(Broker):
 
         Raises:
             QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
+            InvalidValue: no message may be stored on ``queue_name``
+                (`dq.core.policy.check_queue_name`).
             RabbitmqConnectionClosed: ``ensure`` and the server could not be reached.
         """
+        if queue_name.endswith(policy.DEAD_SUFFIX):
+            raise QueueNotFound(queue_name)
         with self._declare_lock:
             if policy.q_name(queue_name) not in self._declared.queues:
-                if queue_name.endswith(policy.DEAD_SUFFIX):
-                    raise QueueNotFound(queue_name)
+                policy.check_queue_name(queue_name, stored=True)
+                # The canonical name, as after_declare_queue gets it on every broker.
                 self._run_before(self._hooks.before_declare_queue, policy.q_name(queue_name))
                 step = apply(self._declared, DeclareQueue(queue_name))
                 self._declared = step.state
@@ -760,8 +842,19 @@ class RabbitmqBroker(Broker):
 
     def _prepare(self, message: M, delay: int | None, now_ms: int) -> tuple[M, bytes]:
         """The copy to store (on ``q.DQ`` with an eta when delayed) and its bytes, after
-        the ``before_enqueue`` hooks."""
+        the ``before_enqueue`` hooks.
+
+        Raises:
+            QueueNotFound: it is addressed to a dead-letter queue.
+            InvalidValue: its queue name, or its delayed eta, is one the core refuses.
+        """
+        name = message.queue_name
+        if name.endswith(policy.DEAD_SUFFIX):
+            raise QueueNotFound(name)
+        policy.check_queue_name(name, stored=True)
         message = delayed_if_asked(message, delay, now_ms)
+        if policy.is_delay_queue(message.queue_name):
+            policy.message_eta_ms(message)
         if self._hooks.before_enqueue:
             self._run_before(self._hooks.before_enqueue, message, delay)
         return message, encode_message(message, _message.global_encoder)
@@ -778,6 +871,9 @@ class RabbitmqBroker(Broker):
 
         Raises:
             ValueError: ``delay`` is not a whole number of ms >= 0.
+            QueueNotFound: it is addressed to a dead-letter queue (``.XQ``).
+            InvalidValue: its queue name is one no message may be stored on (a broker
+                key, ``.msgs``...), or its eta is not valid; nothing is published.
             MessageUnroutable: ``confirm_delivery`` and no queue took it.
             RabbitmqConnectionClosed: every attempt met a connection error.
         """
@@ -936,9 +1032,12 @@ class RabbitmqBroker(Broker):
         """How many messages of ``q`` and ``q.DQ`` this process's consumers hold
         (reserved or parked, not yet acked or nacked)."""
         name = policy.q_name(queue_name)
-        return sum(
-            c._outstanding for c in list(self._consumers) if policy.q_name(c.queue_name) == name
-        )
+        consumers = [c for c in list(self._consumers) if policy.q_name(c.queue_name) == name]
+        for consumer in consumers:
+            # What the server already sent a subscription is unacked there and not in
+            # its ready count: read it in first, or a join would not see it.
+            consumer._read_sent()
+        return sum(c._outstanding for c in consumers)
 
     def join(
         self,
@@ -1521,6 +1620,28 @@ class _RabbitmqConsumer(BufferedConsumer[_Delivery]):
             raise RabbitmqConnectionClosed(
                 f"the connection of the consumer of {self.queue_name!r} is closed"
             )
+
+    def _read_sent(self) -> None:
+        """Read every delivery the server sent this consumer before now: one round trip
+        on its channel (a ``basic.qos`` that changes nothing: its answer follows what
+        was sent before it). Skipped when another thread holds the connection (it is
+        reading it) or no consume is open (nothing can be on the way)."""
+        consume = self._lingering
+        qos = self._qos
+        if self._dead or self._closed or consume is None or consume.cancelled or qos is None:
+            return
+        if not self._io.acquire(blocking=False):
+            return
+        try:
+            if not self.channel.is_open:
+                return
+            answered: list[bool] = []
+            self._send_qos(qos, lambda: answered.append(True))
+            self._pump(lambda: bool(answered), _REPLY_TIMEOUT_S)
+        except _AMQP_ERRORS:
+            self._dead = True
+        finally:
+            self._io.release()
 
     def _parked_wait(self) -> float:
         return max(0.0, (self._parked[0][0] - runtime.get_clock().now_ms()) / 1000)

@@ -6,6 +6,11 @@ on it and turns the step's events into middleware hooks. Its storage *is* the st
 value, so the step's effects need no I/O. Reads (``join``, queue sizes) look at the
 current value without copying anything: it is immutable.
 
+Every core command is interpreted here (`COMMANDS`): one `dq.core.apply` under the
+broker's lock. A consumer can be made to die (`_StubConsumer.abandon`): what it holds
+stays reserved under its id until `StubBroker.recover` applies `dq.core.Recover`,
+counting the deliveries it cut short and dead-lettering past ``max_deliveries``.
+
 Acks are committed in groups: an ack of a reserved entry is recorded under the lock
 (and its consumer's prefetch slot freed at once), and the recorded acks are applied
 as one `dq.core.AckMany` step by whatever next touches the state: any other command,
@@ -27,22 +32,30 @@ from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._checks import delayed_if_asked
+from dq.brokers.steps import Cannot, CommandTable, ServerStep
 from dq.core import (
     Ack,
     AckMany,
     BrokerState,
     Command,
+    DeathReason,
     DeclareQueue,
     Enqueue,
     Entry,
+    ExpireDeadLetters,
+    ExpireLeases,
     Flush,
     FlushAll,
     InvalidTransition,
     Nack,
     Promote,
+    Recover,
     Release,
+    Renew,
+    Replace,
     Requeue,
     Reserve,
+    Start,
     Status,
     Step,
     apply,
@@ -57,12 +70,40 @@ from dq.message import Message
 from dq.middleware import Middleware
 from dq.wire import decode_message, encode_message
 
-__all__ = ["StubBroker"]
+__all__ = ["COMMANDS", "StubBroker"]
 
 M = TypeVar("M", bound=Message[Any])
 
 _consumer_ids = itertools.count(1)
 _allocate_lock = threading.Lock
+
+_APPLY = "one dq.core.apply under the broker's lock"
+
+#: How the stub carries out each core command: the state *is* the core's value, so
+#: every command is one `dq.core.apply` under the broker's lock.
+COMMANDS: CommandTable = {
+    DeclareQueue: ServerStep("declare_queue", _APPLY),
+    Enqueue: ServerStep("enqueue", _APPLY),
+    Reserve: ServerStep("next", _APPLY + " (a batch of up to the free prefetch)"),
+    Ack: ServerStep("ack", _APPLY + " (recorded, applied with the next step as AckMany)"),
+    AckMany: ServerStep("ack", _APPLY + " (the recorded acks, in order)"),
+    Nack: ServerStep("nack", _APPLY),
+    Requeue: ServerStep("requeue", _APPLY),
+    Promote: ServerStep("promote", _APPLY),
+    Replace: ServerStep("replace", _APPLY + " (after the before_enqueue hooks)"),
+    Start: ServerStep("started", _APPLY + " (for suspects only: the count is the same)"),
+    Recover: ServerStep("recover", _APPLY + " (for a consumer that was abandoned)"),
+    Renew: Cannot(
+        "stub reservations have no lease: they last until settled, released or recovered"
+    ),
+    ExpireLeases: Cannot("stub reservations have no lease (a dead consumer is recovered)"),
+    ExpireDeadLetters: Cannot(
+        "stub dead letters are kept until flushed: a test reads them all (dead_letters_by_queue)"
+    ),
+    Flush: ServerStep("flush", _APPLY),
+    FlushAll: ServerStep("flush_all", _APPLY),
+    Release: ServerStep("close", _APPLY + " (a consumer closed)"),
+}
 
 
 class _Signal:
@@ -138,15 +179,31 @@ class StubBroker(Broker):
     Args:
         middleware: as for `Broker`.
         fail_fast_default: the default of ``join``'s ``fail_fast``.
+        max_deliveries: the delivery cap `recover` applies: a message of a canonical
+            queue whose consumers died holding it this many times (as
+            `dq.core.policy.deliveries_after_death` counts) is dead-lettered; 0
+            disables it, else at least 2.
 
     Attributes:
         dead_letters_by_queue: dead-lettered messages (with the exception that killed
             them) by canonical queue name.
+
+    Raises:
+        ValueError: ``max_deliveries`` is not 0 or an integer >= 2.
     """
 
     def __init__(
-        self, middleware: list[Middleware] | None = None, *, fail_fast_default: bool = True
+        self,
+        middleware: list[Middleware] | None = None,
+        *,
+        fail_fast_default: bool = True,
+        max_deliveries: int = policy.DEFAULT_MAX_DELIVERIES,
     ) -> None:
+        problem = policy.delivery_cap_problem(max_deliveries)
+        if problem is not None:
+            raise ValueError(problem)
+        self.max_deliveries = max_deliveries
+        self._abandoned: dict[str, _StubConsumer] = {}  # dead, not recovered yet
         self._state: BrokerState = initial_state()
         self._lock = threading.Lock()
         # Who waits for what, all on the one lock: consumers of each queue (and delay
@@ -266,12 +323,20 @@ class StubBroker(Broker):
     def declare_queue(self, queue_name: str) -> None:
         """Declare ``queue_name`` and its delay queue (a no-op when declared).
 
+        The declare hooks get the canonical name (as ``after_declare_queue`` does on
+        every dq broker), even when ``queue_name`` is its ``.DQ``.
+
         Raises:
             QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
+            InvalidValue: no message may be stored on ``queue_name``
+                (`dq.core.policy.check_queue_name`).
         """
+        if queue_name.endswith(policy.DEAD_SUFFIX):
+            raise QueueNotFound(queue_name)
         if policy.q_name(queue_name) in self._state.queues:
             return
-        self._run_before(self._hooks.before_declare_queue, queue_name)
+        policy.check_queue_name(queue_name, stored=True)
+        self._run_before(self._hooks.before_declare_queue, policy.q_name(queue_name))
         step = self._apply(DeclareQueue(queue_name))
         for event in step.events:
             if isinstance(event, ev.QueueDeclared):
@@ -289,17 +354,18 @@ class StubBroker(Broker):
             The message as stored.
 
         Raises:
-            QueueNotFound: its queue is not declared.
+            QueueNotFound: its queue is not declared, or is a dead-letter queue.
+            InvalidValue: its queue name is one no message may be stored on
+                (`dq.core.policy.check_queue_name`), or its ``eta`` is not valid
+                (`dq.core.policy.eta_problem`); a ``ValueError``.
             TypeError: it is not serialisable by the global encoder (nothing is stored).
-            ValueError: ``delay`` is negative.
+            ValueError: ``delay`` is negative, or too long (the eta passes year 9999).
         """
         if delay is not None:
             message = delayed_if_asked(message, delay, runtime.get_clock().now_ms())
+        self._check_storable(message)
         hooks = self._hooks
         if hooks.before_enqueue:
-            # Dramatiq checks the queue before the hooks run; apply() checks it too.
-            if policy.q_name(message.queue_name) not in self._state.queues:
-                raise QueueNotFound(message.queue_name)
             self._run_before(hooks.before_enqueue, message, delay)
         step = self._apply(Enqueue(message, encode_message(message, _message.global_encoder)))
         if hooks.after_enqueue:
@@ -307,6 +373,77 @@ class StubBroker(Broker):
                 if isinstance(event, ev.Enqueued):
                     self._run_after(hooks.after_enqueue, message, delay)
         return message
+
+    def _check_storable(self, message: Message[Any]) -> None:
+        """Refuse, before any hook runs, a message that cannot be stored as it is.
+
+        Raises:
+            QueueNotFound: its queue is a dead-letter queue or not declared.
+            InvalidValue: a queue name or eta the core refuses.
+        """
+        name = message.queue_name
+        if name.endswith(policy.DEAD_SUFFIX):
+            raise QueueNotFound(name)
+        policy.check_queue_name(name, stored=True)
+        if policy.q_name(name) not in self._state.queues:
+            raise QueueNotFound(name)
+        if policy.is_delay_queue(name):
+            policy.message_eta_ms(message)
+
+    def abandon(self, consumer: Consumer) -> str:
+        """Make ``consumer`` (one of this broker's) die, for tests of recovery: it hands
+        out and settles nothing from now on, and what it holds stays reserved until
+        `recover`. Returns its id.
+
+        Raises:
+            TypeError: ``consumer`` is not a StubBroker consumer.
+        """
+        if not isinstance(consumer, _StubConsumer) or consumer.broker is not self:
+            raise TypeError(f"{consumer!r} is not a consumer of this StubBroker")
+        consumer.abandon()
+        return consumer.consumer_id
+
+    def recover(self, consumer_id: str | None = None, *, now_ms: int | None = None) -> int:
+        """Give back what a dead consumer held (`dq.core.Recover`): each message to the
+        tail of its queue with its delivery count updated, or dead-lettered once the
+        count reaches ``max_deliveries``.
+
+        Args:
+            consumer_id: the dead consumer; None: every abandoned consumer not
+                recovered yet (`_StubConsumer.abandon`).
+            now_ms: the time of any dead letters (default: the runtime clock).
+
+        Returns:
+            How many messages came back or were dead-lettered.
+        """
+        ids = sorted(self._abandoned) if consumer_id is None else [consumer_id]
+        now = runtime.get_clock().now_ms() if now_ms is None else now_ms
+        count = 0
+        for dead in ids:
+            with self._lock:
+                self._abandoned.pop(dead, None)
+                if self._acks:
+                    self._flush_acks()
+                step = apply(self._state, Recover(dead, now, self.max_deliveries))
+                self._state = step.state
+                killed = [e.entry for e in step.events if isinstance(e, ev.DeadLettered)]
+                for entry in killed:  # in the same locked step: a join sees both
+                    proxy = MessageProxy(
+                        self, decode_message(entry.payload, _message.global_encoder, Message)
+                    )
+                    self.dead_letters_by_queue[policy.q_name(entry.queue_name)].append(proxy)
+                if step.effects and self._waiting[0]:
+                    self._signal(step.effects)
+            for entry in killed:
+                self.logger.error(
+                    "Dead-lettered message %s on %r: its consumers died holding it %d times "
+                    "(max_deliveries).",
+                    entry.message_id,
+                    entry.queue_name,
+                    self.max_deliveries,
+                )
+            count += len(step.events)
+        return count
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:
         """Return a consumer of ``queue_name`` (a queue or its ``.DQ``).
@@ -418,8 +555,8 @@ class _StubConsumer(Consumer):
     step (one lock acquisition for a batch), then hands them out one per ``next()``.
     It reserves again only once at least half its prefetch window is free (at least
     one entry), so a busy consumer wakes once per half window, not once per ack.
-    Its ``ack``, ``nack``, ``requeue`` and ``promote`` are thread-safe: worker threads
-    settle messages directly.
+    Its ``ack``, ``nack``, ``requeue``, ``promote`` and ``replace`` are thread-safe:
+    worker threads settle messages directly. `abandon` simulates its death.
     """
 
     def __init__(self, broker: StubBroker, queue_name: str, prefetch: int, timeout: int) -> None:
@@ -432,6 +569,7 @@ class _StubConsumer(Consumer):
         self._min_batch = max(1, prefetch // 2)
         self._buffer: deque[Entry] = deque()  # reserved, not yet handed out
         self._closed = False
+        self._dead = False  # abandoned: holds what it held until recovered
 
     def __next__(self) -> MessageProxy:
         broker = self.broker
@@ -467,8 +605,13 @@ class _StubConsumer(Consumer):
                 message = decode_message(entry.payload, _message.global_encoder, Message)
             except DecodeError as e:
                 # Never drop it: dead-letter what cannot be decoded, and go on.
-                broker.logger.error("Dead-lettering undecodable message: %s", e)
-                self._settle(Nack(entry.seq, runtime.get_clock().now_ms()))
+                broker.logger.error(
+                    "Dead-lettering undecodable message %s on %r: %s",
+                    entry.message_id,
+                    self.queue_name,
+                    e,
+                )
+                self._settle(Nack(entry.seq, runtime.get_clock().now_ms(), DeathReason.UNDECODABLE))
                 continue
             proxy = MessageProxy(broker, message)
             proxy._tag = entry.seq
@@ -486,6 +629,7 @@ class _StubConsumer(Consumer):
         step, so a join that sees the queue drained also sees the dead letter.
         """
         broker = self.broker
+        self._check_alive()
         with broker._lock:
             if broker._acks:
                 broker._flush_acks()
@@ -510,6 +654,7 @@ class _StubConsumer(Consumer):
         """
         seq = _seq(message)
         broker = self.broker
+        self._check_alive()
         with broker._lock:
             if broker._record_ack(seq):  # applied with the next step (group commit)
                 self._outstanding -= 1
@@ -520,12 +665,13 @@ class _StubConsumer(Consumer):
         self._settle(Ack(seq))  # the core refuses it: raise its error
 
     def nack(self, message: MessageProxy) -> None:
-        """Dead-letter ``message``.
+        """Dead-letter ``message``, for its ``death_reason``.
 
         Raises:
             InvalidTransition: it is not reserved.
         """
-        self._settle(Nack(_seq(message), runtime.get_clock().now_ms()), dead=message)
+        command = Nack(_seq(message), runtime.get_clock().now_ms(), message.death_reason)
+        self._settle(command, dead=message)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Return unprocessed ``messages`` to the tail of their queue."""
@@ -546,6 +692,66 @@ class _StubConsumer(Consumer):
             Promote(_seq(message), promoted, encode_message(promoted, _message.global_encoder))
         )
         return promoted
+
+    def replace(self, message: MessageProxy, new: M, delay: int | None) -> M:
+        """Store ``new`` (after ``delay`` ms) in place of ``message`` and forget
+        ``message``, in one step (`dq.core.Replace`): how a retry is stored. The
+        ``before_enqueue`` hooks run first, ``after_enqueue`` after.
+
+        Returns:
+            ``new`` as stored (on the delay queue with an ``eta`` when delayed).
+
+        Raises:
+            InvalidTransition: ``message`` is not reserved, or ``new`` is not on its
+                queue (or that queue's ``.DQ``).
+            InvalidValue: ``new``'s queue name or eta is one the core refuses.
+            ValueError: ``delay`` is negative or too long.
+        """
+        broker = self.broker
+        seq = _seq(message)
+        stored = delayed_if_asked(new, delay, runtime.get_clock().now_ms())
+        broker._check_storable(stored)
+        hooks = broker._hooks
+        if hooks.before_enqueue:
+            broker._run_before(hooks.before_enqueue, stored, delay)
+        self._settle(Replace(seq, stored, encode_message(stored, _message.global_encoder)))
+        if hooks.after_enqueue:
+            broker._run_after(hooks.after_enqueue, stored, delay)
+        return stored
+
+    def suspect(self, message: MessageProxy) -> bool:
+        """Whether a consumer died holding ``message`` before (its delivery count is at
+        least one): a worker runs it alone."""
+        return self.broker._state.deliveries.get(_seq(message), 0) > 0
+
+    def started(self, message: MessageProxy, *, alone: bool) -> None:
+        """Record that ``message`` starts running (`dq.core.Start`), for the delivery
+        cap. Only suspects are recorded: for the others the count after a death is
+        the same either way."""
+        if not self.suspect(message):
+            return
+        self._check_alive()
+        self.broker._apply(Start(_seq(message), alone))
+
+    def abandon(self) -> None:
+        """Die, for tests of recovery: from now on this consumer hands out and settles
+        nothing, and what it holds (handed out or buffered) stays reserved under its
+        id until `StubBroker.recover` gives it back, as after a crash."""
+        broker = self.broker
+        with broker._lock:
+            if self._closed:
+                return
+            self._closed = self._dead = True
+            self._buffer.clear()
+            broker._abandoned[self.consumer_id] = self
+            broker._signal_of(self.queue_name).notify_all()
+
+    def _check_alive(self) -> None:
+        if self._dead:
+            raise RuntimeError(
+                f"consumer {self.consumer_id} of {self.queue_name!r} was abandoned (it died): "
+                "it settles nothing"
+            )
 
     def close(self) -> None:
         """Close the consumer; whatever it still holds goes back to its queue."""
