@@ -117,10 +117,6 @@ TestRedisBrokerConformance = conformance_test(
     crashes=RedisCrashes,
     max_examples=60,
     stateful_step_count=30,
-    # TODO(issue 16): the redis branch checks names with the core and gives the
-    # declare hooks the canonical name; remove these two once it is merged.
-    check_queue_names=False,
-    check_declare_hooks=False,
 )
 
 
@@ -129,10 +125,7 @@ def _clean_namespaces() -> Iterator[None]:
     yield
     conn = client()
     for namespace in _namespaces:
-        # Closed brokers hold nothing, and recovery forgot the dead: no key is left.
-        # TODO(issue 16): except, today, the delivery counts of messages that a
-        # flush dropped after they were recovered (purge.lua leaves them; the
-        # core's Flush drops them). Reported to the redis branch.
-        left = [k for k in keys_under(conn, namespace) if ":__dq__.deliveries." not in k]
-        assert left == [], namespace
+        # Closed brokers hold nothing, and recovery forgot the dead: no key is left
+        # (a flush drops the delivery counts of what it drops, as the core's Flush).
+        assert keys_under(conn, namespace) == [], namespace
         delete_namespace(conn, namespace)

@@ -95,10 +95,6 @@ TestSqliteBrokerConformance = conformance_test(
     crashes=SqliteCrashes,
     max_examples=200,
     stateful_step_count=40,
-    # TODO(issue 16): the sqlite branch checks names with the core and gives the
-    # declare hooks the canonical name; remove these two once it is merged.
-    check_queue_names=False,
-    check_declare_hooks=False,
 )
 
 

@@ -106,6 +106,7 @@ from dq.brokers._checks import (
     delayed_if_asked,
     is_whole,
 )
+from dq.brokers._declarations import LocalDeclarations
 from dq.brokers._sqlite_consumer import SqliteConsumer
 from dq.brokers._sqlite_schema import SCHEMA_VERSION, create_or_migrate
 from dq.brokers.steps import Cannot, CommandTable, ServerStep
@@ -119,7 +120,6 @@ from dq.core import (
     ExpireLeases,
     Flush,
     FlushAll,
-    InvalidTransition,
     Nack,
     Promote,
     Recover,
@@ -129,17 +129,12 @@ from dq.core import (
     Requeue,
     Reserve,
     Start,
-    Status,
-    apply,
-    initial_state,
     policy,
 )
-from dq.core import events as ev
 from dq.errors import (
     ConnectionClosed,
     ConnectionFailed,
     QueueJoinTimeout,
-    QueueNotFound,
 )
 from dq.message import Message
 from dq.middleware import Middleware
@@ -347,9 +342,8 @@ class SqliteBroker(Broker):
         self.max_deliveries = max_deliveries
         self.broker_id = uuid.uuid4().hex
         self._local = threading.local()
-        self._declared = initial_state()
-        self._declare_lock = threading.Lock()
         self._checked_names = StoredQueueNames(_CHECKED_NAMES)  # names accepted
+        self._declarations = LocalDeclarations(self._checked_names)
         # Wakes this process's waiting consumers and joins; the generation counts changes.
         self._changed = threading.Condition(threading.Lock())
         self._generation = 0
@@ -631,25 +625,7 @@ class SqliteBroker(Broker):
                 name, or one colliding with a broker's keys): a `QueueNotFound` and a
                 `ValueError` that says why (`dq.core.policy.stored_queue_problem`).
         """
-        self._check_queue(queue_name)
-        with self._declare_lock:
-            if policy.q_name(queue_name) in self._declared.queues:
-                return
-            self._run_before(self._hooks.before_declare_queue, queue_name)
-            try:
-                step = apply(self._declared, DeclareQueue(queue_name))
-            except InvalidTransition as e:
-                if e.status is Status.DEAD_LETTER_QUEUE:
-                    raise QueueNotFound(queue_name) from None
-                raise
-            self._declared = step.state
-            for event in step.events:
-                if isinstance(event, ev.QueueDeclared):
-                    self.queues[event.queue_name] = event.queue_name
-                    self._run_after(self._hooks.after_declare_queue, event.queue_name)
-                elif isinstance(event, ev.DelayQueueDeclared):
-                    self.delay_queues.add(event.queue_name)
-                    self._run_after(self._hooks.after_declare_delay_queue, event.queue_name)
+        self._declarations.declare(self, queue_name)
 
     def _check_queue(self, queue_name: str) -> None:
         """Check that a message may be stored on ``queue_name`` (a queue or its

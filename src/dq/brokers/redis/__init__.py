@@ -113,6 +113,7 @@ from dq.brokers._checks import (
     delayed_if_asked,
     is_whole,
 )
+from dq.brokers._declarations import LocalDeclarations
 from dq.brokers.redis import _resp
 from dq.brokers.redis._keys import Keys, glob_escape
 from dq.brokers.redis._recovery import SHARED_MARK, RecoveryReport
@@ -122,15 +123,11 @@ from dq.common import getenv_int
 from dq.core import (
     Ack,
     DeathReason,
-    DeclareQueue,
     Nack,
     Requeue,
-    apply,
-    initial_state,
     policy,
 )
 from dq.core import commands as _commands
-from dq.core import events as ev
 from dq.errors import (
     BrokerOutOfMemory,
     ConnectionClosed,
@@ -490,8 +487,6 @@ class RedisBroker(Broker):
         self.scripts: dict[str, Script] = {name: load_script(name) for name in SCRIPT_NAMES}
         # Declarations live in this process only (nothing is written to Redis): a core
         # state with no messages, whose events drive the declare hooks.
-        self._declared = initial_state()
-        self._declare_lock = threading.Lock()
         self._waker = _Waker()
         self._threads_lock = threading.Lock()
         self._listener: _Listener | None = None
@@ -509,6 +504,7 @@ class RedisBroker(Broker):
         self._consumers: set[_RedisConsumer] = set()
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._valid_names = StoredQueueNames()  # names `_stored_name` accepted
+        self._declarations = LocalDeclarations(self._valid_names)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -772,20 +768,7 @@ class RedisBroker(Broker):
                 collides with a key of the broker (a `QueueNotFound` and a
                 ``ValueError``).
         """
-        with self._declare_lock:
-            if policy.q_name(queue_name) in self._declared.queues:
-                return
-            self._stored_name(queue_name)
-            self._run_before(self._hooks.before_declare_queue, queue_name)
-            step = apply(self._declared, DeclareQueue(queue_name))
-            self._declared = step.state
-            for event in step.events:
-                if isinstance(event, ev.QueueDeclared):
-                    self.queues[event.queue_name] = event.queue_name
-                    self._run_after(self._hooks.after_declare_queue, event.queue_name)
-                elif isinstance(event, ev.DelayQueueDeclared):
-                    self.delay_queues.add(event.queue_name)
-                    self._run_after(self._hooks.after_declare_delay_queue, event.queue_name)
+        self._declarations.declare(self, queue_name)
 
     # -- enqueueing ------------------------------------------------------------------------
 
@@ -967,6 +950,8 @@ class RedisBroker(Broker):
                     keys.dead(queue_name),
                     keys.dead_msgs(queue_name),
                     keys.reasons(queue_name),
+                    keys.deliveries(queue_name),
+                    keys.started(queue_name),
                 ),
                 (),
             )
