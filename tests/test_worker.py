@@ -6,15 +6,19 @@ import queue as stdlib_queue
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 import dq
 from dq import Worker
-from dq.brokers.stub import StubBroker
+from dq.broker import Consumer, MessageProxy
+from dq.brokers.stub import StubBroker, _StubConsumer
+from dq.message import Message
 from dq.middleware import Middleware
 from dq.worker import WorkQueue
+
+M = TypeVar("M", bound=Message[Any])
 
 
 @pytest.fixture
@@ -298,18 +302,34 @@ def test_join_fails_fast_with_the_actors_exception_once_retries_are_exhausted() 
 
 
 class RefusesDelays(StubBroker):
-    """A broker whose delay queue is unreachable for the first ``outage`` attempts."""
+    """A broker whose delay queue is unreachable for the first ``outage`` attempts to
+    store a delayed message, by enqueue or by a consumer's atomic replace (a retry)."""
 
     def __init__(self, outage: int) -> None:
         super().__init__()
         self.outage = outage
         self.refused = 0
 
-    def enqueue(self, message: Any, *, delay: int | None = None) -> Any:
+    def refuse(self, delay: int | None) -> None:
         if delay is not None and self.refused < self.outage:
             self.refused += 1
             raise dq.ConnectionClosed("the delay queue is unreachable")
+
+    def enqueue(self, message: Any, *, delay: int | None = None) -> Any:
+        self.refuse(delay)
         return super().enqueue(message, delay=delay)
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 100) -> Consumer:
+        consumer = super().consume(queue_name, prefetch, timeout)
+        consumer.__class__ = _RefusingConsumer
+        return consumer
+
+
+class _RefusingConsumer(_StubConsumer):
+    def replace(self, message: MessageProxy, new: M, delay: int | None) -> M:
+        assert isinstance(self.broker, RefusesDelays)
+        self.broker.refuse(delay)
+        return super().replace(message, new, delay)
 
 
 def test_a_retry_not_stored_for_want_of_a_connection_is_stored_once_the_broker_is_back(
