@@ -1083,16 +1083,7 @@ class WorkerThread(_Pausable):
         try:
             if flags & _STARTS:
                 mark_started(consumer, message, self.logger, alone=gate.single)
-            try:
-                process_message(self.broker, message, self.logger)
-            except BaseException as e:
-                self.logger.error("Error processing message %s.", message, exc_info=True)
-                if message._exception is None:
-                    message.stuff_exception(e)
-            try:
-                settle(self.broker, consumer, message)
-            except Exception as e:
-                self._settle_failed(message, consumer, e)
+            self._run_and_settle(message, consumer)
         finally:
             self.busy = False
             if gate.waiting:
@@ -1103,18 +1094,22 @@ class WorkerThread(_Pausable):
         gate.enter_alone(self)
         try:
             mark_started(consumer, message, self.logger, alone=True)
-            try:
-                process_message(self.broker, message, self.logger)
-            except BaseException as e:
-                self.logger.error("Error processing message %s.", message, exc_info=True)
-                if message._exception is None:
-                    message.stuff_exception(e)
-            try:
-                settle(self.broker, consumer, message)
-            except Exception as e:
-                self._settle_failed(message, consumer, e)
+            self._run_and_settle(message, consumer)
         finally:
             gate.leave_alone()
+
+    def _run_and_settle(self, message: MessageProxy, consumer: Consumer) -> None:
+        """Run ``message`` between its hooks, then settle it on ``consumer``."""
+        try:
+            process_message(self.broker, message, self.logger)
+        except BaseException as e:
+            self.logger.error("Error processing message %s.", message, exc_info=True)
+            if message._exception is None:
+                message.stuff_exception(e)
+        try:
+            settle(self.broker, consumer, message)
+        except Exception as e:
+            self._settle_failed(message, consumer, e)
 
     def _settle_failed(self, message: MessageProxy, consumer: Consumer, error: Exception) -> None:
         """Deal with a failed `settle`: while the broker is unreachable, try again every

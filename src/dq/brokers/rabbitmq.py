@@ -66,7 +66,13 @@ from dq import message as _message
 from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._buffered import BufferedConsumer
-from dq.brokers._checks import check_consume_arguments, delayed_if_asked, is_whole
+from dq.brokers._checks import (
+    StoredQueueNames,
+    check_consume_arguments,
+    delayed_if_asked,
+    is_whole,
+)
+from dq.brokers._declarations import LocalDeclarations
 from dq.brokers.steps import Cannot, CommandTable, ServerStep
 from dq.common import getenv_int
 from dq.core import (
@@ -87,11 +93,8 @@ from dq.core import (
     Requeue,
     Reserve,
     Start,
-    apply,
-    initial_state,
     policy,
 )
-from dq.core import events as ev
 from dq.errors import (
     BrokerError,
     ConnectionClosed,
@@ -669,8 +672,8 @@ class RabbitmqBroker(Broker):
         self.join_min_successes = 10
         self.publishers: dict[int, _Publisher] = {}
         self._publishers_lock = threading.Lock()
-        self._declared = initial_state()
-        self._declare_lock = threading.Lock()
+        self._queue_names = StoredQueueNames()
+        self._declarations = LocalDeclarations(self._queue_names)
         self._ensured: set[str] = set()  # canonical queues declared on the server
         self._consumers: set[_RabbitmqConsumer] = set()
         self._stats_lock = threading.Lock()
@@ -771,27 +774,12 @@ class RabbitmqBroker(Broker):
                 that happens on the first publish or consume).
 
         Raises:
-            QueueNotFound: ``queue_name`` names a dead-letter queue (``.XQ``).
-            InvalidValue: no message may be stored on ``queue_name``
-                (`dq.core.policy.check_queue_name`).
+            InvalidQueueName: no message may be stored on ``queue_name`` (a ``.XQ``
+                name, or one colliding with a broker's keys): a `QueueNotFound` and a
+                `ValueError` saying why.
             RabbitmqConnectionClosed: ``ensure`` and the server could not be reached.
         """
-        if queue_name.endswith(policy.DEAD_SUFFIX):
-            raise QueueNotFound(queue_name)
-        with self._declare_lock:
-            if policy.q_name(queue_name) not in self._declared.queues:
-                policy.check_queue_name(queue_name, stored=True)
-                # The canonical name, as after_declare_queue gets it on every broker.
-                self._run_before(self._hooks.before_declare_queue, policy.q_name(queue_name))
-                step = apply(self._declared, DeclareQueue(queue_name))
-                self._declared = step.state
-                for event in step.events:
-                    if isinstance(event, ev.QueueDeclared):
-                        self.queues[event.queue_name] = event.queue_name
-                        self._run_after(self._hooks.after_declare_queue, event.queue_name)
-                    elif isinstance(event, ev.DelayQueueDeclared):
-                        self.delay_queues.add(event.queue_name)
-                        self._run_after(self._hooks.after_declare_delay_queue, event.queue_name)
+        self._declarations.declare(self, queue_name)
         if ensure:
             name = policy.q_name(queue_name)
             for attempt in range(MAX_DECLARE_ATTEMPTS):
@@ -845,13 +833,11 @@ class RabbitmqBroker(Broker):
         the ``before_enqueue`` hooks.
 
         Raises:
-            QueueNotFound: it is addressed to a dead-letter queue.
-            InvalidValue: its queue name, or its delayed eta, is one the core refuses.
+            InvalidQueueName: no message may be stored on its queue (a ``.XQ`` name,
+                or one colliding with a broker's keys).
+            InvalidValue: its delayed eta is one the core refuses.
         """
-        name = message.queue_name
-        if name.endswith(policy.DEAD_SUFFIX):
-            raise QueueNotFound(name)
-        policy.check_queue_name(name, stored=True)
+        self._queue_names.check(message.queue_name)
         message = delayed_if_asked(message, delay, now_ms)
         if policy.is_delay_queue(message.queue_name):
             policy.message_eta_ms(message)

@@ -94,6 +94,7 @@ from dq.core.records import (
     DeadLetter,
     DeathReason,
     Entry,
+    Message,
     QueueState,
     Reservation,
     Row,
@@ -228,32 +229,40 @@ def _already_declared(state: BrokerState, command: c.DeclareQueue) -> Step:
     return Step(state)
 
 
+def _stored(
+    queue: QueueState, seq: int, message: Message[object], payload: bytes, priority: int
+) -> tuple[QueueState, Row, fx.Effect]:
+    """Return ``queue`` with ``message`` stored under ``seq`` at the tail of its queue
+    (its delay queue, with its eta, when it is addressed there), the row, and the
+    effect that stores it.
+
+    Raises:
+        InvalidValue: a delayed message's eta is one `policy.eta_problem` refuses.
+    """
+    target = message.queue_name
+    if target.endswith(DELAY_SUFFIX):
+        row: Row = (seq, target, message.message_id, message_eta_ms(message), payload)
+        queue = QueueState(
+            queue.name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead
+        )
+        return queue, row, fx.PushDelayed(row)
+    row = (seq, target, message.message_id, None, payload)
+    queue = QueueState(
+        queue.name, queue.ready.push(row, priority), queue.delayed, queue.in_flight, queue.dead
+    )
+    return queue, row, fx.PushReady(row)
+
+
 def _enqueue(state: BrokerState, command: c.Enqueue) -> Step:
     message = command.message
     queue_name = message.queue_name
+    name = queue_name[:-3] if queue_name.endswith(DELAY_SUFFIX) else queue_name
     seq = state.next_seq
-    effect: fx.Effect
-    if queue_name.endswith(DELAY_SUFFIX):
-        name = queue_name[:-3]
-        queue = state.queues[name]
-        row: Row = (seq, queue_name, message.message_id, message_eta_ms(message), command.payload)
-        queue = QueueState(name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead)
-        effect = fx.PushDelayed(row)
-    else:
-        queue = state.queues[queue_name]
-        row = (seq, queue_name, message.message_id, None, command.payload)
-        queue = QueueState(
-            queue_name,
-            queue.ready.push(row, command.priority),
-            queue.delayed,
-            queue.in_flight,
-            queue.dead,
-        )
-        effect = fx.PushReady(row)
+    queue, row, effect = _stored(
+        state.queues[name], seq, message, command.payload, command.priority
+    )
     return Step(
-        BrokerState(
-            state.queues.insert(queue.name, queue), state.reserved, seq + 1, state.deliveries
-        ),
+        BrokerState(state.queues.insert(name, queue), state.reserved, seq + 1, state.deliveries),
         (effect,),
         (ev.Enqueued(row),),
     )
@@ -465,23 +474,7 @@ def _replace(state: BrokerState, command: c.Replace) -> Step:
             f"{queue.name + DELAY_SUFFIX!r}, not {target!r}",
         )
     seq = state.next_seq
-    effect: fx.Effect
-    if target.endswith(DELAY_SUFFIX):
-        row: Row = (seq, target, message.message_id, message_eta_ms(message), command.payload)
-        queue = QueueState(
-            queue.name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead
-        )
-        effect = fx.PushDelayed(row)
-    else:
-        row = (seq, target, message.message_id, None, command.payload)
-        queue = QueueState(
-            queue.name,
-            queue.ready.push(row, command.priority),
-            queue.delayed,
-            queue.in_flight,
-            queue.dead,
-        )
-        effect = fx.PushReady(row)
+    queue, row, effect = _stored(queue, seq, message, command.payload, command.priority)
     return Step(
         BrokerState(
             state.queues.insert(queue.name, queue),
