@@ -37,7 +37,7 @@ from dq.core import (
 )
 from dq.core import effects as fx
 from dq.core import events as ev
-from dq.core.machine import dead_letters, deliveries_of, held_by, pending, waiting
+from dq.core.machine import dead_letters, deliveries_of, held_by, holding, pending, waiting
 from dq.core.records import Message
 
 
@@ -399,3 +399,43 @@ def test_a_delayed_message_gets_its_priority_when_promoted_or_replaced() -> None
     (seq,) = [r.entry.seq for r in held_by(state, "c")]
     state = apply(state, Replace(seq, message("a", 1), b"r", priority=4)).state
     assert [e.payload for e in waiting(state, "a")] == [b"2", b"r"]
+
+
+# -- slices of a server's state ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "count", "ok"),
+    [
+        (None, 0, True),
+        (0, 0, True),
+        (3, 3, True),
+        (b"4", 4, True),
+        ("5", 5, True),
+        (2.0, 2, True),
+        (b"x", 1, False),
+        (-2, 1, False),
+        (2.5, 1, False),
+        (True, 1, False),
+    ],
+)
+def test_stored_deliveries_reads_what_a_server_kept(raw: object, count: int, ok: bool) -> None:
+    got, problem = policy.stored_deliveries(raw)
+    assert got == count
+    assert (problem is None) is ok
+    if problem is not None:
+        assert repr(raw) in problem
+
+
+def test_holding_is_the_state_in_which_reservations_are_held() -> None:
+    full = held(3)  # a consumer holds 1..3 of "a"
+    reservations = list(full.reserved.values())
+    state = holding(reservations, {1: 2, 2: 0})
+    assert state.reserved == full.reserved
+    assert state.queues["a"].in_flight == 3 and pending(state, "a") == 3
+    assert deliveries_of(state, 1) == 2 and deliveries_of(state, 2) == 0
+    # The core answers for the slice as for the whole: the same entries come back.
+    sliced = apply(holding(reservations), Recover("c", 0, 10))
+    whole = apply(full, Recover("c", 0, 10))
+    assert sliced.effects == whole.effects
+    assert holding([]) == initial_state()

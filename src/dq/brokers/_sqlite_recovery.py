@@ -27,13 +27,12 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
-from rpds import HashTrieMap
 
-from dq.core import BrokerState, Entry, QueueState, Reservation, Run, apply, policy
+from dq.core import BrokerState, Entry, Reservation, Run, apply, policy
 from dq.core import effects as fx
 from dq.core import events as ev
 from dq.core.commands import ExpireLeases, Recover
-from dq.core.machine import Step
+from dq.core.machine import Step, holding
 
 __all__ = ["Recovery", "expire_leases", "recover_consumer"]
 
@@ -75,31 +74,21 @@ def _whole(value: Any) -> int | None:
 
 
 def _state_of(rows: Sequence[Any]) -> BrokerState:
-    """The core state of these held rows: their queues, reservations and counts.
+    """The core state of these held rows: their reservations and counts.
 
-    Values a raw write may have left in a row are read leniently: a delivery count
-    that is not a whole number >= 0 counts as 0, an unknown run mark as waiting.
-    The payload is not read: the SQL moves it.
+    Values a raw write may have left in a row are read leniently: a delivery count as
+    `dq.core.policy.stored_deliveries` reads it, an unknown run mark as waiting. The
+    payload is not read: the SQL moves it.
     """
-    in_flight: dict[str, int] = {}
-    reserved: dict[int, Reservation] = {}
+    reservations: list[Reservation] = []
     deliveries: dict[int, int] = {}
     for seq, queue, message_id, consumer, lease_until, stored_count, run in rows:
-        name = policy.q_name(str(queue))
-        in_flight[name] = in_flight.get(name, 0) + 1
         entry = Entry(int(seq), str(queue), str(message_id), None, b"")
-        reserved[entry.seq] = Reservation(
-            entry, str(consumer), _whole(lease_until), _RUNS.get(run, Run.WAITING)
+        reservations.append(
+            Reservation(entry, str(consumer), _whole(lease_until), _RUNS.get(run, Run.WAITING))
         )
-        count = _whole(stored_count)
-        if count is not None and count > 0:
-            deliveries[entry.seq] = count
-    return BrokerState(
-        HashTrieMap({name: QueueState(name, in_flight=n) for name, n in in_flight.items()}),
-        HashTrieMap(reserved),
-        max(reserved, default=0) + 1,
-        HashTrieMap(deliveries),
-    )
+        deliveries[entry.seq] = policy.stored_deliveries(stored_count)[0]
+    return holding(reservations, deliveries)
 
 
 def _carry_out(conn: sqlite3.Connection, step: Step) -> int:

@@ -68,7 +68,7 @@ addresses one directly (dead letters are made by Nack and dropped by Flush).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -742,6 +742,30 @@ def waiting(state: BrokerState, queue_name: str) -> tuple[Entry, ...]:
     return tuple(Entry.from_row(row) for row in rows)
 
 
+def holding(
+    reservations: Iterable[Reservation], deliveries: Mapping[int, int] | None = None
+) -> BrokerState:
+    """Return the state in which ``reservations`` are held and nothing else is stored.
+
+    A server-backed interpreter asks the core about a slice of the server's state with
+    it: what becomes of what a dead consumer held (`Recover`), of lapsed leases
+    (`ExpireLeases`). The entries' ``seq`` are the interpreter's own handles (distinct,
+    > 0); ``deliveries`` gives their counts (counts of 0 are left out).
+    """
+    held = {r.entry.seq: r for r in reservations}
+    in_flight: dict[str, int] = {}
+    for reservation in held.values():
+        name = q_name(reservation.entry.queue_name)
+        in_flight[name] = in_flight.get(name, 0) + 1
+    counts = {seq: n for seq, n in (deliveries or {}).items() if n and seq in held}
+    return BrokerState(
+        HashTrieMap({name: QueueState(name, in_flight=n) for name, n in in_flight.items()}),
+        HashTrieMap(held),
+        max(held, default=0) + 1,
+        HashTrieMap(counts),
+    )
+
+
 def deliveries_of(state: BrokerState, seq: int) -> int:
     """Return how many deliveries of entry ``seq`` were cut short by a death."""
     return state.deliveries.get(seq, 0)
@@ -772,6 +796,7 @@ __all__ = [
     "dead_letters",
     "deliveries_of",
     "held_by",
+    "holding",
     "pending",
     "status_of",
     "waiting",

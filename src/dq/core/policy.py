@@ -430,6 +430,30 @@ def deliveries_after_death(before: int, run: Run) -> int:
     return before
 
 
+def stored_deliveries(raw: object) -> tuple[int, str | None]:
+    """Return the delivery count a stored value stands for, and what was wrong with
+    it (None when nothing was).
+
+    A server keeps counts as it can (Redis hash fields are strings, SQLite columns
+    take any type): a whole number >= 0, as an int, a whole float or decimal text, is
+    itself; None (no count stored) is 0. Anything else (a negative number, garbage
+    from a raw write) counts as 1: the entry is treated as a suspect, which costs it
+    at most running alone, and is never dead-lettered for it.
+    """
+    if raw is None:
+        return 0, None
+    value: object = raw
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", "replace")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value, None
+    return 1, f"a delivery count is a whole number >= 0, not {raw!r}; taken as 1"
+
+
 def over_delivery_cap(deliveries: int, max_deliveries: int) -> bool:
     """Return whether an entry with ``deliveries`` deliveries cut short is dead-lettered
     under the cap ``max_deliveries`` (0: never)."""

@@ -26,14 +26,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from rpds import HashTrieMap
 
 from dq.brokers.redis import _resp
 from dq.brokers.redis._keys import glob_escape
 from dq.core import (
-    BrokerState,
     Entry,
-    QueueState,
     Recover,
     Reservation,
     Run,
@@ -42,6 +39,7 @@ from dq.core import (
 )
 from dq.core import effects as fx
 from dq.core import events as ev
+from dq.core.machine import holding
 from dq.errors import ConnectionClosed
 
 if TYPE_CHECKING:
@@ -135,23 +133,16 @@ def decide(
     present = [h for h in held if h.payload is not None]
     if not present:
         return verdicts
-    name = policy.q_name(queue_name)
     rids: dict[int, str] = {}
-    reserved: HashTrieMap[int, Reservation] = HashTrieMap()
-    deliveries: HashTrieMap[int, int] = HashTrieMap()
+    reservations: list[Reservation] = []
+    deliveries: dict[int, int] = {}
     for seq, item in enumerate(present, 1):
         assert item.payload is not None
         rids[seq] = item.rid
         entry = Entry(seq, queue_name, message_id(item), None, item.payload)
-        reserved = reserved.insert(seq, Reservation(entry, worker, None, item.run))
-        if item.deliveries:
-            deliveries = deliveries.insert(seq, item.deliveries)
-    state = BrokerState(
-        HashTrieMap({name: QueueState(name, in_flight=len(present))}),
-        reserved,
-        len(present) + 1,
-        deliveries,
-    )
+        reservations.append(Reservation(entry, worker, None, item.run))
+        deliveries[seq] = item.deliveries
+    state = holding(reservations, deliveries)
     step = apply(state, Recover(worker, now_ms, max_deliveries))
     counts: dict[int, int] = {}
     for effect in step.effects:
@@ -381,25 +372,19 @@ class _AckSet:
         return True
 
     def _count(self, rid: str, raw: Any) -> int:
-        """A delivery count as read (None: never counted), validated."""
-        if raw is None:
-            return 0
-        try:
-            count = int(raw)
-        except (TypeError, ValueError):
-            count = -1
-        if count < 1:
-            # A field exists: a consumer died holding it at least once (an older dq
-            # wrote 0 for that). A value that is not a count is taken as one, logged.
-            if count < 0:
-                self.logger.warning(
-                    "Delivery count %r of message %s in %s is not a count; taken as 1.",
-                    raw,
-                    rid,
-                    self.keys[4],
-                )
-            return 1
-        return count
+        """A delivery count as read (None: never counted), as the core reads it."""
+        count, problem = policy.stored_deliveries(raw)
+        if problem is not None:
+            self.logger.warning(
+                "Delivery count %r of message %s in %s is not a count (%s).",
+                raw,
+                rid,
+                self.keys[4],
+                problem,
+            )
+        # A field exists only once a consumer died holding the message (an older dq
+        # stored 0 for that first death): it is a suspect.
+        return count if raw is None else max(count, 1)
 
     def _run_mark(self, raw: Any) -> Run:
         """How the dead worker was running an id, from its run mark."""
