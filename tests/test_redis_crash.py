@@ -955,16 +955,12 @@ def test_a_message_running_beside_a_poison_message_is_never_dead_lettered(
     assert beside[0], "the innocent message was not running when the poison struck"
     assert innocent_rid not in dead_letters, "the innocent message was dead-lettered"
     assert client.hexists(f"{namespace}:poison.msgs", innocent_rid)  # still stored
-    if poison_rid in dead_letters:
-        # The worker ran the suspect poison alone: its death was its own.
-        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert any(
-            poison.message_id in line and poison_rid in line and "max_deliveries" in line
-            for line in lines
-        ), lines
-        assert counts == {innocent_rid: 1}
-    else:
-        # The worker ran them side by side every time: no death was the poison's
-        # alone, so the core charges neither beyond its first (each is a suspect).
-        assert all(beside)
-        assert counts == {poison_rid: 1, innocent_rid: 1}
+    # Both became suspects at the first death; dq's worker then runs a suspect alone,
+    # so the poison's next death is its own and it is dead-lettered at the cap.
+    assert poison_rid in dead_letters, (beside, counts)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(
+        poison.message_id in line and poison_rid in line and "max_deliveries" in line
+        for line in lines
+    ), lines
+    assert counts == {innocent_rid: 1}

@@ -9,7 +9,6 @@ this, a message that killed its process was delivered again forever.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import signal
@@ -22,7 +21,6 @@ from typing import Any
 
 import pytest
 
-import dq.worker
 from dq.broker import Consumer, MessageProxy
 from dq.brokers.sqlite import SqliteBroker
 from dq.core import DeathReason, policy
@@ -282,13 +280,6 @@ def test_processes_killed_by_a_poison_message_dead_letter_it_and_run_the_rest_on
     producer.close()
 
 
-def _worker_runs_suspects_alone() -> bool:
-    return "suspect(" in inspect.getsource(dq.worker)
-
-
-@pytest.mark.skipif(
-    not _worker_runs_suspects_alone(), reason="dq's worker does not run suspects alone yet"
-)
 def test_the_dq_command_dead_letters_a_message_that_kills_its_worker_process(
     app_env: str,
 ) -> None:
