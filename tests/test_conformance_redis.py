@@ -120,6 +120,21 @@ TestRedisBrokerConformance = conformance_test(
 )
 
 
+def _dump(conn: Any, key: str) -> object:
+    """A key's type and contents, for the message of a failed check."""
+    kind = conn.type(key)
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind == "hash":
+        return (kind, conn.hgetall(key))
+    if kind == "set":
+        return (kind, conn.smembers(key))
+    if kind == "zset":
+        return (kind, conn.zrange(key, 0, -1, withscores=True))
+    if kind == "list":
+        return (kind, conn.lrange(key, 0, -1))
+    return (kind, conn.get(key) if kind == "string" else None)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _clean_namespaces() -> Iterator[None]:
     yield
@@ -127,5 +142,6 @@ def _clean_namespaces() -> Iterator[None]:
     for namespace in _namespaces:
         # Closed brokers hold nothing, and recovery forgot the dead: no key is left
         # (a flush drops the delivery counts of what it drops, as the core's Flush).
-        assert keys_under(conn, namespace) == [], namespace
+        left = keys_under(conn, namespace)
+        assert left == [], {key: _dump(conn, key) for key in left}
         delete_namespace(conn, namespace)
