@@ -3,9 +3,12 @@
 #
 #   bash scripts/check.sh            # everything: lint, format, types, tests
 #   bash scripts/check.sh -k stub    # extra arguments go to pytest
+#   bash scripts/check.sh -m "not redis and not rabbitmq and not memcached"
+#                                     # the tests that need no server, on a machine with none
 #
 # It installs dq and its pinned development tools into .venv (created if missing),
-# starts Redis and RabbitMQ if they are down, then fails on any ruff, mypy or pytest
+# starts Redis, RabbitMQ and Memcached if they are down (not those that the
+# arguments deselect with "not redis" and so on), then fails on any ruff, mypy or pytest
 # failure, and when pytest collects no test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,16 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c constraints.txt -e '.[dev,redis,rabbitmq,memcached]'
 
-bash scripts/services.sh
+# The servers the selected tests need: a -m expression saying "not redis" needs no Redis.
+services=()
+for name in redis rabbitmq memcached; do
+    if [[ " $* " != *"not $name"* ]]; then
+        services+=("$name")
+    fi
+done
+if [ ${#services[@]} -gt 0 ]; then
+    bash scripts/services.sh "${services[@]}"
+fi
 
 echo "== ruff check"
 .venv/bin/ruff check src tests typings bench examples

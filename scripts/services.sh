@@ -2,25 +2,36 @@
 # Start the local Redis (127.0.0.1:6379), RabbitMQ (127.0.0.1:5672) and Memcached
 # (127.0.0.1:11211, for the results and rate-limiter backends' tests) if they are down.
 # Memcached is installed from Debian's packages when it is missing.
+#
+#   bash scripts/services.sh                  # all three
+#   bash scripts/services.sh redis memcached  # only those named
 set -euo pipefail
+
+wanted=("$@")
+if [ ${#wanted[@]} -eq 0 ]; then
+    wanted=(redis rabbitmq memcached)
+fi
+want() {
+    [[ " ${wanted[*]} " == *" $1 "* ]]
+}
 
 port_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-if ! port_open 6379; then
+if want redis && ! port_open 6379; then
     echo "Redis is down; starting it."
     mkdir -p /var/lib/redis /var/log/redis
     redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
         --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
 fi
 
-if ! port_open 5672; then
+if want rabbitmq && ! port_open 5672; then
     echo "RabbitMQ is down; starting it."
     rabbitmq-server -detached
 fi
 
-if ! port_open 11211; then
+if want memcached && ! port_open 11211; then
     if ! command -v memcached >/dev/null; then
         echo "Memcached is not installed; installing it (apt-get install memcached)."
         apt-get install -y -q memcached >/dev/null 2>&1 ||
@@ -31,10 +42,11 @@ if ! port_open 11211; then
 fi
 
 for _ in $(seq 1 120); do
-    if port_open 6379 && port_open 5672 && port_open 11211; then
+    if { ! want redis || port_open 6379; } && { ! want rabbitmq || port_open 5672; } &&
+        { ! want memcached || port_open 11211; }; then
         exit 0
     fi
     sleep 1
 done
-echo "Redis, RabbitMQ or Memcached did not come up within 120 s." >&2
+echo "${wanted[*]}: not all came up within 120 s." >&2
 exit 1

@@ -1,4 +1,4 @@
-"""Misuses of brokers and messages that mypy must reject (run by tests/test_typing.py).
+"""Misuses of brokers and messages that mypy must reject (run by tests/api/test_typing.py).
 
 Each line that must fail ends with ``# E: <code>[, <code>...]``: the exact mypy error
 codes expected on that line. Every other line must type-check. mypy.ini excludes

@@ -1,4 +1,4 @@
-"""Misuses of results that mypy must reject (run by tests/test_typing.py).
+"""Misuses of results that mypy must reject (run by tests/api/test_typing.py).
 
 Each line that must fail ends with ``# E: <code>[, <code>...]``.
 """

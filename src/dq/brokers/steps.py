@@ -5,7 +5,7 @@ functions of `dq.core.policy` every decision: eta validity, queue names, the del
 cap, who counts as dead); a broker whose state lives in a server carries each command
 out as exactly one atomic server step (a Lua script, a SQL transaction, an AMQP
 sequence), named after the command, that only moves data. Each broker module states
-its table as ``COMMANDS``; ``tests/test_command_tables.py`` checks that every command
+its table as ``COMMANDS``; ``tests/brokers/test_command_tables.py`` checks that every command
 type of `dq.core.commands.COMMAND_TYPES` has a row in every broker's table, either a
 `ServerStep` or an explicit `Cannot` with the reason.
 """

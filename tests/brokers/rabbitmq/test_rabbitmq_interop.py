@@ -1,0 +1,1094 @@
+"""Wire interop on RabbitMQ: dq and Dramatiq 2.2.1 share one set of queues (spec/wire.md §4).
+
+Most tests run in both directions: Dramatiq produces and a dq Worker consumes, and dq
+produces and a Dramatiq Worker consumes. One mixed-fleet test has both workers consume
+the same queue at once. The others look at what each library leaves on the server: the
+properties of what it publishes, the arguments of what it declares (a queue declared by
+one must be re-declarable by the other without ``406 PRECONDITION_FAILED``), and the dead
+letters it makes. Every test uses its own queue ``interop_<hex>`` and deletes it, its
+``.DQ`` and its ``.XQ`` at the end.
+
+Needs RabbitMQ on 127.0.0.1:5672 (guest/guest), ``rabbitmqctl`` on the PATH (to read
+queue arguments) and ``dramatiq==2.2.1`` (a test-only dependency).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+import dramatiq.broker
+import dramatiq.middleware
+import pika
+import pika.exceptions
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker as DramatiqRabbitmqBroker
+
+import dq
+import dq.broker
+import dq.middleware
+from dq.brokers.rabbitmq import RabbitmqBroker as DqRabbitmqBroker
+
+pytestmark = [pytest.mark.rabbitmq]
+
+RABBIT_HOST = "127.0.0.1"
+RABBIT_PORT = 5672
+
+#: How long a test waits for messages to be processed before failing, in seconds.
+WAIT = 15.0
+
+#: Both workers' settings.
+WORKER_THREADS = 2
+WORKER_TIMEOUT = 100
+
+#: Retry options sent with the messages: the consuming side's Retries reads them
+#: (by key presence), so a retry waits 50-100 ms in the delay queue.
+FAST_RETRY: dict[str, Any] = {"min_backoff": 50, "max_backoff": 100}
+
+#: Dramatiq's default ``dramatiq_dead_message_ttl`` (7 days in ms), the XQ's message TTL.
+DEAD_MESSAGE_TTL = 604_800_000
+
+#: The AMQP basic properties, as pika names them.
+PROPERTY_NAMES = (
+    "content_type",
+    "content_encoding",
+    "headers",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+    "cluster_id",
+)
+
+Envelope = dict[str, Any]
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+def envelope(encoded: bytes) -> Envelope:
+    """The seven fields of an encoded message, as plain JSON values."""
+    data = json.loads(encoded)
+    assert isinstance(data, dict)
+    return data
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- the server, seen without either library -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Got:
+    """One message taken from a queue with ``basic.get``."""
+
+    body: bytes
+    properties: dict[str, Any]
+    redelivered: bool
+
+
+class Rabbit:
+    """A plain pika connection to look at queues (and delete them); no dq, no Dramatiq."""
+
+    def __init__(self) -> None:
+        self.connection = pika.BlockingConnection(
+            pika.ConnectionParameters(host=RABBIT_HOST, port=RABBIT_PORT)
+        )
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def counts(self, queue_name: str) -> tuple[int, int]:
+        """Ready messages and consumers of an existing queue (a passive declare)."""
+        channel = self.connection.channel()
+        try:
+            ok = channel.queue_declare(queue_name, passive=True)
+            method = ok.method
+            assert isinstance(method, pika.spec.Queue.DeclareOk)
+            return int(method.message_count), int(method.consumer_count)
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def ready(self, queue_name: str) -> int:
+        return self.counts(queue_name)[0]
+
+    def exists(self, queue_name: str) -> bool:
+        try:
+            self.counts(queue_name)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            assert error.reply_code == 404, error
+            return False
+        return True
+
+    def get_all(self, queue_name: str) -> list[Got]:
+        """Take every ready message off ``queue_name`` (acked: they are gone)."""
+        channel = self.connection.channel()
+        got: list[Got] = []
+        try:
+            while True:
+                method, properties, body = channel.basic_get(queue_name, auto_ack=True)
+                if method is None:
+                    return got
+                assert properties is not None and body is not None
+                got.append(
+                    Got(
+                        body=bytes(body),
+                        properties={n: getattr(properties, n) for n in PROPERTY_NAMES},
+                        redelivered=bool(method.redelivered),
+                    )
+                )
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def declare(self, queue_name: str, arguments: dict[str, Any]) -> None:
+        """Declare as the libraries do (durable, not exclusive, not auto-delete)."""
+        channel = self.connection.channel()
+        try:
+            channel.queue_declare(queue_name, durable=True, arguments=arguments)
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def delete(self, *queue_names: str) -> None:
+        channel = self.connection.channel()
+        for name in queue_names:
+            channel.queue_delete(name)
+        channel.close()
+
+
+def queue_topology(*queue_names: str) -> dict[str, dict[str, Any]]:
+    """How the server describes each queue (flags and typed arguments), via rabbitmqctl."""
+    out = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "name",
+            "durable",
+            "auto_delete",
+            "exclusive",
+            "arguments",
+            "--formatter",
+            "json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    rows = json.loads(out)
+    assert isinstance(rows, list)
+    wanted = set(queue_names)
+    found: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        assert isinstance(row, dict)
+        name = row.pop("name")
+        if name in wanted:
+            # [[key, type, value], ...] sorted by key: the order is not part of the wire.
+            row["arguments"] = sorted(tuple(a) for a in row["arguments"])
+            found[name] = row
+    assert set(found) == wanted, f"rabbitmqctl lists {sorted(found)}, expected {sorted(wanted)}"
+    return found
+
+
+# -- what the actors record ------------------------------------------------------------
+
+
+class Boom(Exception):
+    """What the failing actors raise."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One attempt of an actor, as seen from inside it."""
+
+    side: str
+    actor_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    message: Envelope
+    started_ms: float
+
+
+class Recorder:
+    """Thread-safe list of calls, with a deadline-bounded wait."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._calls: list[Call] = []
+
+    def add(self, call: Call) -> None:
+        with self._cond:
+            self._calls.append(call)
+            self._cond.notify_all()
+
+    @property
+    def calls(self) -> list[Call]:
+        with self._cond:
+            return list(self._calls)
+
+    def wait_for(self, done: Callable[[list[Call]], bool], timeout: float = WAIT) -> list[Call]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not done(self._calls):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"timed out after {timeout}s; calls so far: {self._calls!r}"
+                    )
+                self._cond.wait(remaining)
+            return list(self._calls)
+
+
+Behaviour = Callable[[Call], None]
+
+
+def record(recorder: Recorder) -> Behaviour:
+    return recorder.add
+
+
+def fail_first_attempt(recorder: Recorder) -> Behaviour:
+    def run(call: Call) -> None:
+        recorder.add(call)
+        if "retries" not in call.message["options"]:
+            raise Boom("first attempt fails")
+
+    return run
+
+
+def always_fail(recorder: Recorder) -> Behaviour:
+    def run(call: Call) -> None:
+        recorder.add(call)
+        raise Boom("this one never succeeds")
+
+    return run
+
+
+# -- the two libraries behind one interface ----------------------------------------------
+
+
+class Side(abc.ABC):
+    """One library's broker (and, once started, worker) on the test's queue."""
+
+    label: str
+
+    def __init__(self, queue_name: str) -> None:
+        self.queue_name = queue_name
+
+    @abc.abstractmethod
+    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
+        """Declare an actor named ``actor_name`` on the queue that runs ``behaviour``."""
+
+    @abc.abstractmethod
+    def send(
+        self,
+        actor_name: str,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: int | None = None,
+        **options: Any,
+    ) -> bytes:
+        """Enqueue through this library; return the encoded copy it published."""
+
+    @abc.abstractmethod
+    def current_message(self) -> Envelope:
+        """The fields of the message being processed (inside an actor)."""
+
+    @abc.abstractmethod
+    def decode(self, raw: bytes) -> Envelope:
+        """Decode with this library's ``Message.decode``; return the fields it read."""
+
+    @abc.abstractmethod
+    def reencode(self, raw: bytes) -> bytes:
+        """``Message.decode(raw).encode()`` with this library."""
+
+    @abc.abstractmethod
+    def message_counts(self) -> tuple[int, int, int]:
+        """``broker.get_queue_message_counts(queue)``: (re-)declares Q, Q.DQ and Q.XQ."""
+
+    @abc.abstractmethod
+    def start_worker(self, threads: int = WORKER_THREADS) -> None: ...
+
+    @abc.abstractmethod
+    def stop_worker(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def _wrap(self, actor_name: str, behaviour: Behaviour) -> Callable[..., None]:
+        def fn(*args: Any, **kwargs: Any) -> None:
+            behaviour(
+                Call(
+                    side=self.label,
+                    actor_name=actor_name,
+                    args=list(args),
+                    kwargs=dict(kwargs),
+                    message=self.current_message(),
+                    started_ms=now_ms(),
+                )
+            )
+
+        fn.__name__ = actor_name
+        return fn
+
+
+class DqSide(Side):
+    label = "dq"
+
+    def __init__(self, queue_name: str, max_priority: int | None, confirm: bool) -> None:
+        super().__init__(queue_name)
+        self.broker = DqRabbitmqBroker(
+            host=RABBIT_HOST,
+            port=RABBIT_PORT,
+            max_priority=max_priority,
+            confirm_delivery=confirm,
+        )
+        self.broker.add_middleware(dq.middleware.CurrentMessage())
+        dq.set_broker(self.broker)
+        self.actors: dict[str, dq.Actor[..., None]] = {}
+        self.worker: dq.Worker | None = None
+        self.closed = False
+
+    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
+        fn = self._wrap(actor_name, behaviour)
+        self.actors[actor_name] = dq.actor(
+            actor_name=actor_name, queue_name=self.queue_name, broker=self.broker
+        )(fn)
+
+    def send(
+        self,
+        actor_name: str,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: int | None = None,
+        **options: Any,
+    ) -> bytes:
+        stored = self.actors[actor_name].send_with_options(
+            args=args, kwargs=kwargs, delay=delay, **options
+        )
+        return stored.encode()
+
+    def current_message(self) -> Envelope:
+        message = dq.middleware.CurrentMessage.get_current_message()
+        assert message is not None
+        return envelope(message.encode())
+
+    def decode(self, raw: bytes) -> Envelope:
+        message = dq.Message.decode(raw)
+        return {
+            "queue_name": message.queue_name,
+            "actor_name": message.actor_name,
+            "args": json.loads(json.dumps(list(message.args))),
+            "kwargs": json.loads(json.dumps(dict(message.kwargs))),
+            "options": envelope(message.encode())["options"],
+            "message_id": message.message_id,
+            "message_timestamp": message.message_timestamp,
+        }
+
+    def reencode(self, raw: bytes) -> bytes:
+        return dq.Message.decode(raw).encode()
+
+    def message_counts(self) -> tuple[int, int, int]:
+        return self.broker.get_queue_message_counts(self.queue_name)
+
+    def start_worker(self, threads: int = WORKER_THREADS) -> None:
+        self.worker = dq.Worker(self.broker, worker_threads=threads, worker_timeout=WORKER_TIMEOUT)
+        self.worker.start()
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            worker, self.worker = self.worker, None
+            worker.stop()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.broker.close()
+
+
+class DramatiqSide(Side):
+    label = "dramatiq"
+
+    def __init__(self, queue_name: str, max_priority: int | None, confirm: bool) -> None:
+        super().__init__(queue_name)
+        self.broker = DramatiqRabbitmqBroker(
+            host=RABBIT_HOST,
+            port=RABBIT_PORT,
+            max_priority=max_priority,
+            confirm_delivery=confirm,
+        )
+        self.broker.add_middleware(dramatiq.middleware.CurrentMessage())
+        dramatiq.set_broker(self.broker)
+        self.actors: dict[str, dramatiq.Actor[..., None]] = {}
+        self.worker: dramatiq.Worker | None = None
+        self.closed = False
+
+    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
+        fn = self._wrap(actor_name, behaviour)
+        self.actors[actor_name] = dramatiq.actor(
+            actor_name=actor_name, queue_name=self.queue_name, broker=self.broker
+        )(fn)
+
+    def send(
+        self,
+        actor_name: str,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: int | None = None,
+        **options: Any,
+    ) -> bytes:
+        stored = self.actors[actor_name].send_with_options(
+            args=args, kwargs=kwargs, delay=delay, **options
+        )
+        encoded: bytes = stored.encode()
+        return encoded
+
+    def current_message(self) -> Envelope:
+        message = dramatiq.middleware.CurrentMessage.get_current_message()
+        assert message is not None
+        return envelope(message.encode())
+
+    def decode(self, raw: bytes) -> Envelope:
+        message = dramatiq.Message.decode(raw)
+        return {
+            "queue_name": message.queue_name,
+            "actor_name": message.actor_name,
+            "args": json.loads(json.dumps(list(message.args))),
+            "kwargs": json.loads(json.dumps(message.kwargs)),
+            "options": json.loads(json.dumps(message.options)),
+            "message_id": message.message_id,
+            "message_timestamp": message.message_timestamp,
+        }
+
+    def reencode(self, raw: bytes) -> bytes:
+        encoded: bytes = dramatiq.Message.decode(raw).encode()
+        return encoded
+
+    def message_counts(self) -> tuple[int, int, int]:
+        ready, delayed, dead = self.broker.get_queue_message_counts(self.queue_name)
+        return int(ready), int(delayed), int(dead)
+
+    def start_worker(self, threads: int = WORKER_THREADS) -> None:
+        self.worker = dramatiq.Worker(
+            self.broker, worker_threads=threads, worker_timeout=WORKER_TIMEOUT
+        )
+        self.worker.start()
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            worker, self.worker = self.worker, None
+            worker.stop()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.broker.close()
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rabbit() -> Iterator[Rabbit]:
+    try:
+        rabbit = Rabbit()
+    except pika.exceptions.AMQPConnectionError as error:  # pragma: no cover - environment
+        pytest.fail(f"the interop tests need RabbitMQ on {RABBIT_HOST}:{RABBIT_PORT}: {error}")
+    yield rabbit
+    rabbit.close()
+
+
+@pytest.fixture
+def queue(rabbit: Rabbit) -> Iterator[str]:
+    """A queue name of this test only; the queue and its DQ and XQ are deleted after."""
+    name = f"interop_{uuid.uuid4().hex}"
+    yield name
+    rabbit.delete(name, f"{name}.DQ", f"{name}.XQ")
+
+
+def _restore_globals() -> Callable[[], None]:
+    dq_previous = dq.broker.global_broker
+    dq_floating = list(dq.broker._floating)
+    dramatiq_previous = dramatiq.broker.global_broker
+
+    def restore() -> None:
+        dq.broker.global_broker = dq_previous
+        dq.broker._floating[:] = dq_floating
+        dramatiq.broker.global_broker = dramatiq_previous
+
+    return restore
+
+
+@dataclass
+class Fleet:
+    """Both libraries on one queue; ``producer`` sends and ``consumer`` works."""
+
+    queue: str
+    rabbit: Rabbit
+    dq: DqSide
+    dramatiq: DramatiqSide
+    producer: Side
+    consumer: Side
+
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        return (self.dq, self.dramatiq)
+
+    @property
+    def delay_queue(self) -> str:
+        return f"{self.queue}.DQ"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.queue}.XQ"
+
+    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
+        """Declare the same actor (name and queue) on both sides."""
+        for side in self.sides:
+            side.declare(actor_name, behaviour)
+
+    def shutdown(self) -> None:
+        """Stop both workers, then close both brokers (idempotent)."""
+        for side in self.sides:
+            side.stop_worker()
+        for side in self.sides:
+            side.close()
+
+    def ready(self) -> tuple[int, int, int]:
+        """Ready messages on Q, Q.DQ and Q.XQ."""
+        return (
+            self.rabbit.ready(self.queue),
+            self.rabbit.ready(self.delay_queue),
+            self.rabbit.ready(self.dead_queue),
+        )
+
+    def assert_nothing_left(self) -> None:
+        """After shutdown (every connection closed, so nothing is unacked): all empty."""
+        self.shutdown()
+        assert self.ready() == (0, 0, 0)
+
+
+DIRECTIONS = ["dramatiq-to-dq", "dq-to-dramatiq"]
+
+
+@contextlib.contextmanager
+def make_fleet(
+    queue: str,
+    rabbit: Rabbit,
+    direction: str,
+    max_priority: int | None = None,
+    *,
+    confirm: bool = False,
+) -> Iterator[Fleet]:
+    """Both libraries' brokers on ``queue``; both workers stopped and brokers closed after."""
+    restore = _restore_globals()
+    dq_side = DqSide(queue, max_priority, confirm)
+    dramatiq_side = DramatiqSide(queue, max_priority, confirm)
+    producer: Side
+    consumer: Side
+    if direction == "dramatiq-to-dq":
+        producer, consumer = dramatiq_side, dq_side
+    else:
+        producer, consumer = dq_side, dramatiq_side
+    fleet = Fleet(queue, rabbit, dq_side, dramatiq_side, producer, consumer)
+    try:
+        yield fleet
+    finally:
+        fleet.shutdown()
+        restore()
+
+
+@pytest.fixture(params=DIRECTIONS)
+def fleet(request: pytest.FixtureRequest, queue: str, rabbit: Rabbit) -> Iterator[Fleet]:
+    with make_fleet(queue, rabbit, request.param) as fleet:
+        yield fleet
+
+
+@pytest.fixture(params=DIRECTIONS)
+def priority_fleet(request: pytest.FixtureRequest, queue: str, rabbit: Rabbit) -> Iterator[Fleet]:
+    """As `fleet`, with ``max_priority=10`` on both brokers."""
+    with make_fleet(queue, rabbit, request.param, max_priority=10) as fleet:
+        yield fleet
+
+
+# -- messages cross ------------------------------------------------------------------------
+
+
+def test_plain_messages_cross_and_run_exactly_once(fleet: Fleet) -> None:
+    recorder = Recorder()
+    fleet.declare("echo", record(recorder))
+    sent: dict[str, tuple[list[Any], dict[str, Any]]] = {}
+    for i in range(30):
+        args = (i, f"s{i}", [i, {"nested": i * 1.5}], None, i % 2 == 0)
+        kwargs = {"k": [i], "text": 'é€😀 /\\"', "big": 2**70 + i}
+        stored = envelope(fleet.producer.send("echo", args=args, kwargs=kwargs))
+        sent[stored["message_id"]] = (list(args), kwargs)
+        assert stored["queue_name"] == fleet.queue
+        assert stored["options"] == {}, "nothing broker-specific in the options on RabbitMQ"
+
+    fleet.consumer.start_worker()
+    recorder.wait_for(lambda calls: len(calls) >= len(sent))
+    fleet.assert_nothing_left()
+
+    calls = recorder.calls  # everything, after the workers stopped
+    counts = Counter(call.message["message_id"] for call in calls)
+    assert counts == dict.fromkeys(sent, 1), "every message exactly once"
+    for call in calls:
+        assert call.side == fleet.consumer.label
+        sent_args, sent_kwargs = sent[call.message["message_id"]]
+        assert call.args == sent_args
+        assert call.kwargs == sent_kwargs
+        assert call.message["queue_name"] == fleet.queue
+        assert call.message["actor_name"] == "echo"
+
+
+def test_delayed_messages_cross_and_run_after_their_eta(fleet: Fleet) -> None:
+    recorder = Recorder()
+    fleet.declare("later", record(recorder))
+    fleet.declare("now", record(recorder))
+
+    delayed = [envelope(fleet.producer.send("later", args=(i,), delay=300)) for i in range(3)]
+    for stored in delayed:
+        # Published to Q.DQ with an integer ms eta (spec §4.3).
+        assert stored["queue_name"] == fleet.delay_queue
+        eta = stored["options"]["eta"]
+        assert isinstance(eta, int)
+        assert abs(eta - (stored["message_timestamp"] + 300)) < 1000
+    immediate = envelope(fleet.producer.send("now", args=("go",)))
+    wait_until(lambda: fleet.ready() == (1, 3, 0), "the messages to be routed")
+
+    fleet.consumer.start_worker()
+    recorder.wait_for(lambda calls: len(calls) >= 4)
+    fleet.assert_nothing_left()
+
+    calls = recorder.calls
+    assert Counter(c.message["message_id"] for c in calls) == {
+        m["message_id"]: 1 for m in [*delayed, immediate]
+    }
+    by_id = {c.message["message_id"]: c for c in calls}
+    assert by_id[immediate["message_id"]].started_ms < min(
+        by_id[m["message_id"]].started_ms for m in delayed
+    )
+    for stored in delayed:
+        call = by_id[stored["message_id"]]
+        assert call.side == fleet.consumer.label
+        assert call.started_ms >= stored["options"]["eta"], "ran before its eta"
+        # Promoted: canonical queue, no eta; the same id and timestamp.
+        assert call.message["queue_name"] == fleet.queue
+        assert "eta" not in call.message["options"]
+        assert call.message["message_timestamp"] == stored["message_timestamp"]
+        assert call.args == stored["args"]
+
+
+def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fleet) -> None:
+    recorder = Recorder()
+    fleet.declare("flaky", fail_first_attempt(recorder))
+    stored = envelope(
+        fleet.producer.send("flaky", args=(7,), kwargs={"x": "y"}, max_retries=3, **FAST_RETRY)
+    )
+
+    fleet.consumer.start_worker()
+    recorder.wait_for(lambda calls: len(calls) >= 2)
+    fleet.assert_nothing_left()
+
+    first, second = recorder.calls
+    for call in (first, second):
+        assert call.side == fleet.consumer.label
+        assert call.message["message_id"] == stored["message_id"]
+        assert call.message["message_timestamp"] == stored["message_timestamp"]
+        assert call.message["queue_name"] == fleet.queue
+        assert "eta" not in call.message["options"]
+        assert call.args == [7]
+        assert call.kwargs == {"x": "y"}
+    assert first.message["options"] == stored["options"]
+    options = second.message["options"]
+    assert options["retries"] == 1
+    assert "Boom" in options["traceback"]
+    assert isinstance(options["requeue_timestamp"], int)
+    assert options["max_retries"] == 3
+    # The retry waited its backoff (50-100 ms) in the delay queue.
+    assert second.started_ms - first.started_ms >= 49
+    assert len(recorder.calls) == 2
+
+
+def test_a_retry_stored_by_one_library_is_run_by_the_other(fleet: Fleet) -> None:
+    """The consumer's first attempt fails and it publishes the retry to Q.DQ; it stops
+    before the retry is due, and the producer's worker promotes and runs it."""
+    recorder = Recorder()
+    fleet.declare("flaky", fail_first_attempt(recorder))
+    # A 500-1000 ms backoff: the consumer is stopped well before the retry is due.
+    stored = envelope(
+        fleet.producer.send("flaky", args=(1,), max_retries=3, min_backoff=1000, max_backoff=1000)
+    )
+
+    fleet.consumer.start_worker()
+    (first,) = recorder.wait_for(lambda calls: len(calls) >= 1)
+    # The consumer holds the retry unacked in memory until its eta; stopping (and
+    # closing) hands it back to the server.
+    fleet.consumer.stop_worker()
+    fleet.consumer.close()
+    wait_until(lambda: fleet.ready() == (0, 1, 0), "the held retry to be handed back")
+    (got,) = fleet.rabbit.get_all(fleet.delay_queue)
+    retry = envelope(got.body)
+    assert retry["queue_name"] == fleet.delay_queue
+    assert retry["message_id"] == stored["message_id"]
+    assert retry["message_timestamp"] == stored["message_timestamp"]
+    assert retry["args"] == [1]
+    options = retry["options"]
+    assert options["retries"] == 1
+    assert isinstance(options["eta"], int)
+    assert options["eta"] >= first.started_ms + 499
+    assert got.properties["delivery_mode"] == 2
+    for side in fleet.sides:
+        assert side.decode(got.body) == retry, side.label
+        assert side.reencode(got.body) == got.body, side.label
+    # Put it back as it was (basic.get took it) for the producer's worker.
+    publisher = fleet.rabbit.connection.channel()
+    publisher.basic_publish("", fleet.delay_queue, got.body, pika.BasicProperties(delivery_mode=2))
+    publisher.close()
+
+    fleet.producer.start_worker()
+    calls = recorder.wait_for(lambda calls: len(calls) >= 2)
+    fleet.assert_nothing_left()
+
+    second = calls[1]
+    assert second.side == fleet.producer.label
+    assert second.started_ms >= options["eta"]
+    assert second.message["queue_name"] == fleet.queue
+    assert second.message["message_id"] == stored["message_id"]
+    assert second.message["options"]["retries"] == 1
+    assert "eta" not in second.message["options"]
+    assert len(recorder.calls) == 2
+
+
+def test_delayed_messages_held_at_shutdown_go_back_for_the_other_library(fleet: Fleet) -> None:
+    """The consumer takes delayed messages and holds them unacked; stopped before their
+    eta it hands them back, and the producer's worker runs them."""
+    recorder = Recorder()
+    fleet.declare("later", record(recorder))
+    sent = [envelope(fleet.producer.send("later", args=(i,), delay=1500)) for i in range(3)]
+
+    fleet.consumer.start_worker()
+    wait_until(
+        lambda: fleet.ready() == (0, 0, 0),
+        f"the {fleet.consumer.label} worker to take the delayed messages",
+    )
+    fleet.consumer.stop_worker()
+    fleet.consumer.close()
+    assert recorder.calls == []
+    wait_until(lambda: fleet.ready() == (0, 3, 0), "the held messages to be handed back")
+
+    fleet.producer.start_worker()
+    calls = recorder.wait_for(lambda calls: len(calls) >= 3)
+    fleet.assert_nothing_left()
+
+    assert Counter(c.message["message_id"] for c in recorder.calls) == {
+        m["message_id"]: 1 for m in sent
+    }
+    by_id = {c.message["message_id"]: c for c in calls}
+    for message in sent:
+        call = by_id[message["message_id"]]
+        assert call.side == fleet.producer.label
+        assert call.started_ms >= message["options"]["eta"]
+        assert call.message["queue_name"] == fleet.queue
+
+
+def test_a_message_that_fails_for_good_is_dead_lettered_readably(fleet: Fleet) -> None:
+    recorder = Recorder()
+    fleet.declare("doomed", always_fail(recorder))
+    raw = fleet.producer.send("doomed", args=("x",), max_retries=0, **FAST_RETRY)
+    stored = envelope(raw)
+
+    fleet.consumer.start_worker()
+    recorder.wait_for(lambda calls: len(calls) >= 1)
+    wait_until(lambda: fleet.rabbit.ready(fleet.dead_queue) >= 1, "a dead letter")
+    fleet.shutdown()
+
+    assert len(recorder.calls) == 1, "max_retries=0: one attempt, no retry"
+    assert fleet.ready() == (0, 0, 1)
+    (dead,) = fleet.rabbit.get_all(fleet.dead_queue)
+    # Dead-lettered by the server through Q's arguments: the body as published.
+    assert dead.body == raw
+    headers = dead.properties["headers"]
+    assert isinstance(headers, dict)
+    (death,) = headers["x-death"]
+    assert death["queue"] == fleet.queue
+    assert death["reason"] == "rejected"
+    assert death["exchange"] == ""
+    assert dead.properties["delivery_mode"] == 2
+    # Both decoders read it; in particular the library that did not dead-letter it.
+    for side in fleet.sides:
+        assert side.decode(dead.body) == stored, side.label
+        assert side.reencode(dead.body) == dead.body, side.label
+
+
+def test_a_message_for_an_actor_only_the_producer_knows_is_dead_lettered(fleet: Fleet) -> None:
+    recorder = Recorder()
+    fleet.declare("known", record(recorder))
+    fleet.producer.declare("ghost", record(recorder))
+    ghost = fleet.producer.send("ghost", args=(1,))
+    known = envelope(fleet.producer.send("known", args=(2,)))
+
+    fleet.consumer.start_worker()
+    recorder.wait_for(lambda calls: len(calls) >= 1)
+    wait_until(lambda: fleet.rabbit.ready(fleet.dead_queue) >= 1, "a dead letter")
+    fleet.shutdown()
+
+    assert [c.message["message_id"] for c in recorder.calls] == [known["message_id"]]
+    (dead,) = fleet.rabbit.get_all(fleet.dead_queue)
+    assert dead.body == ghost
+    assert fleet.producer.decode(dead.body) == envelope(ghost)
+    assert fleet.ready() == (0, 0, 0)
+
+
+def test_an_undecodable_body_is_dead_lettered_by_either_consumer(fleet: Fleet) -> None:
+    recorder = Recorder()
+    fleet.declare("echo", record(recorder))
+    assert fleet.producer.message_counts() == (0, 0, 0)  # declares the queues
+    publisher = fleet.rabbit.connection.channel()
+    publisher.basic_publish("", fleet.queue, b"{not json", pika.BasicProperties(delivery_mode=2))
+    publisher.close()
+    after = envelope(fleet.producer.send("echo", args=(1,)))
+
+    fleet.consumer.start_worker()
+    recorder.wait_for(lambda calls: len(calls) >= 1)
+    wait_until(lambda: fleet.rabbit.ready(fleet.dead_queue) >= 1, "a dead letter")
+    fleet.shutdown()
+
+    assert [c.message["message_id"] for c in recorder.calls] == [after["message_id"]]
+    (dead,) = fleet.rabbit.get_all(fleet.dead_queue)
+    assert dead.body == b"{not json"
+    assert fleet.ready() == (0, 0, 0)
+
+
+def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Fleet) -> None:
+    fleet.declare("payload", record(Recorder()))
+    args = (
+        1,
+        -2,
+        2**70,
+        0.1,
+        1e100,
+        -0.0,
+        True,
+        None,
+        'é€😀 </script> \\ " \n \t \x00',
+        [1, [2, {"a": None}]],
+        {"b": 1, "a": 2, "ü": [3.25]},
+    )
+    kwargs = {"z": "last", "a": {"nested": [1.5, "x"]}, "ü": 1}
+    options = {"max_retries": 3, "time_limit": 60000}
+    plain = fleet.producer.send("payload", args=args, kwargs=kwargs, **options)
+    delayed = fleet.producer.send("payload", args=args, kwargs=kwargs, delay=60_000, **options)
+    wait_until(lambda: fleet.ready() == (1, 1, 0), "the messages to be routed")
+
+    for raw, queue_name in ((plain, fleet.queue), (delayed, fleet.delay_queue)):
+        (got,) = fleet.rabbit.get_all(queue_name)
+        assert got.body == raw
+        assert list(envelope(raw)) == [
+            "queue_name",
+            "actor_name",
+            "args",
+            "kwargs",
+            "options",
+            "message_id",
+            "message_timestamp",
+        ]
+        assert list(envelope(raw)["kwargs"]) == ["z", "a", "ü"]
+        # Dramatiq's encoding: compact separators, ensure_ascii, key order kept (spec §1.2).
+        assert raw == json.dumps(envelope(raw), separators=(",", ":")).encode()
+        for side in fleet.sides:
+            assert side.decode(raw) == envelope(raw), side.label
+            assert side.reencode(raw) == raw, side.label
+    assert envelope(plain)["options"] == options
+    assert envelope(delayed)["queue_name"] == fleet.delay_queue
+    assert isinstance(envelope(delayed)["options"]["eta"], int)
+
+
+def test_a_mixed_fleet_shares_one_queue(queue: str, rabbit: Rabbit) -> None:
+    """Both workers consume the same queue while both libraries produce (with publisher
+    confirms): plain, delayed and fail-once messages each run exactly once (twice for
+    the retried ones)."""
+    with make_fleet(queue, rabbit, "dq-to-dramatiq", confirm=True) as mixed:
+        recorder = Recorder()
+        mixed.declare("echo", record(recorder))
+        mixed.declare("flaky", fail_first_attempt(recorder))
+        for side in mixed.sides:
+            side.start_worker()
+
+        plain: list[str] = []
+        flaky: list[str] = []
+        for side in mixed.sides:
+            for i in range(20):
+                plain.append(envelope(side.send("echo", args=(side.label, i)))["message_id"])
+            for i in range(2):
+                sent = side.send("echo", args=(side.label, i), delay=150)
+                plain.append(envelope(sent)["message_id"])
+            for i in range(3):
+                sent = side.send("flaky", args=(i,), max_retries=3, **FAST_RETRY)
+                flaky.append(envelope(sent)["message_id"])
+
+        expected = len(plain) + 2 * len(flaky)
+        recorder.wait_for(lambda calls: len(calls) >= expected)
+        mixed.assert_nothing_left()
+
+        calls = recorder.calls
+        counts = Counter(c.message["message_id"] for c in calls)
+        assert counts == {**dict.fromkeys(plain, 1), **dict.fromkeys(flaky, 2)}
+        assert {c.side for c in calls} == {"dq", "dramatiq"}, "both workers took messages"
+
+
+# -- what each library puts on the server -------------------------------------------------
+
+
+@pytest.mark.parametrize("max_priority", [None, 10])
+def test_both_libraries_publish_with_the_same_properties(
+    queue: str, rabbit: Rabbit, max_priority: int | None
+) -> None:
+    """Persistent, ``priority`` from ``broker_priority`` (and nothing else), the encoded
+    message as the body, routed to Q or Q.DQ through the default exchange."""
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("plain", {}),
+        ("delayed", {"delay": 60_000}),
+        ("null priority", {"broker_priority": None}),
+    ]
+    if max_priority is not None:
+        cases += [
+            ("priority", {"broker_priority": 7}),
+            ("delayed priority", {"delay": 60_000, "broker_priority": 3}),
+        ]
+    seen: dict[str, dict[str, dict[str, Any]]] = {}
+    with make_fleet(queue, rabbit, "dq-to-dramatiq", max_priority) as fleet:
+        fleet.declare("echo", record(Recorder()))
+        for side in fleet.sides:
+            for label, options in cases:
+                raw = side.send("echo", args=(label,), **options)
+                target = fleet.delay_queue if "delay" in options else fleet.queue
+
+                def routed(target: str = target) -> bool:
+                    return rabbit.ready(target) == 1
+
+                wait_until(routed, f"{side.label} {label} routed")
+                (got,) = rabbit.get_all(target)
+                assert got.body == raw, f"{side.label} {label}"
+                assert not got.redelivered
+                seen.setdefault(label, {})[side.label] = got.properties
+    for label, options in cases:
+        by_side = seen[label]
+        assert by_side["dq"] == by_side["dramatiq"], label
+        expected = dict.fromkeys(PROPERTY_NAMES)
+        expected["delivery_mode"] = 2
+        expected["priority"] = options.get("broker_priority")
+        assert by_side["dq"] == expected, label
+
+
+def test_broker_priority_orders_delivery_across_libraries(priority_fleet: Fleet) -> None:
+    """With ``max_priority`` set on both, the producer's ``broker_priority`` reaches the
+    server: a consumer with one thread runs a backlog highest priority first."""
+    fleet = priority_fleet
+    recorder = Recorder()
+    fleet.declare("ranked", record(recorder))
+    priorities = [2, 9, 0, 5, 7, 1, 8]
+    for priority in priorities:
+        fleet.producer.send("ranked", args=(priority,), broker_priority=priority)
+    wait_until(lambda: fleet.ready() == (len(priorities), 0, 0), "the messages to be routed")
+
+    fleet.consumer.start_worker(threads=1)
+    calls = recorder.wait_for(lambda calls: len(calls) >= len(priorities))
+    fleet.assert_nothing_left()
+
+    assert [c.args[0] for c in calls] == sorted(priorities, reverse=True)
+    assert [c.message["options"]["broker_priority"] for c in calls] == sorted(
+        priorities, reverse=True
+    )
+
+
+def expected_topology(queue: str, max_priority: int | None) -> dict[str, dict[str, Any]]:
+    """Spec §4.2, as rabbitmqctl prints it."""
+    flags = {"durable": True, "auto_delete": False, "exclusive": False}
+    dead_letter: list[tuple[str, str, str | int]] = [
+        ("x-dead-letter-exchange", "longstr", ""),
+        ("x-dead-letter-routing-key", "longstr", f"{queue}.XQ"),
+    ]
+    if max_priority is not None:
+        dead_letter.append(("x-max-priority", "signedint", max_priority))
+    return {
+        queue: {**flags, "arguments": sorted(dead_letter)},
+        f"{queue}.DQ": {**flags, "arguments": sorted(dead_letter)},
+        f"{queue}.XQ": {**flags, "arguments": [("x-message-ttl", "signedint", DEAD_MESSAGE_TTL)]},
+    }
+
+
+@pytest.mark.parametrize("max_priority", [None, 10])
+@pytest.mark.parametrize("first", ["dq", "dramatiq"])
+def test_queues_declared_by_one_library_are_redeclared_by_the_other(
+    queue: str, rabbit: Rabbit, first: str, max_priority: int | None
+) -> None:
+    """The first library declares Q, Q.DQ and Q.XQ (by publishing); the second
+    re-declares them (not passively) and consumes from them, with no 406; the server
+    holds exactly Dramatiq's arguments. A declaration that differs is refused, so the
+    test would see a mismatch."""
+    with make_fleet(queue, rabbit, "dq-to-dramatiq", max_priority) as fleet:
+        one, other = (fleet.dq, fleet.dramatiq) if first == "dq" else (fleet.dramatiq, fleet.dq)
+        recorder = Recorder()
+        fleet.declare("echo", record(recorder))
+        raw = one.send("echo", args=(1,))
+        wait_until(lambda: rabbit.ready(queue) == 1, "the message to be routed")
+        assert queue_topology(queue, f"{queue}.DQ", f"{queue}.XQ") == expected_topology(
+            queue, max_priority
+        )
+
+        assert other.message_counts() == (1, 0, 0)
+        other.start_worker()
+        (call,) = recorder.wait_for(lambda calls: len(calls) >= 1)
+        assert call.side == other.label
+        assert call.message == envelope(raw)
+        other.send("echo", args=(2,), delay=10)
+        recorder.wait_for(lambda calls: len(calls) >= 2)
+        assert one.message_counts() == (0, 0, 0)
+        fleet.assert_nothing_left()
+        assert queue_topology(queue, f"{queue}.DQ", f"{queue}.XQ") == expected_topology(
+            queue, max_priority
+        )
+
+    # The control: the server refuses other arguments for the same queue.
+    wrong_priority = 5 if max_priority is None else max_priority + 1
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        rabbit.declare(
+            queue,
+            {
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": f"{queue}.XQ",
+                "x-max-priority": wrong_priority,
+            },
+        )
+    assert refused.value.reply_code == 406
