@@ -30,7 +30,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import redis
 import dq
 from dq.brokers.redis import RedisBroker
 from tests.support.redis_helpers import REDIS_URL, client, delete_namespace, new_namespace
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -84,27 +85,6 @@ def record(key: int, sleep_ms: int = 0) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def wait_for(
-    predicate: Callable[[], object],
-    timeout: float,
-    what: str,
-    *,
-    details: Callable[[], str] = lambda: "",
-    interval: float = 0.02,
-) -> float:
-    """Poll ``predicate()`` until true; return the seconds it took.
-
-    Raises:
-        AssertionError: not true within ``timeout`` seconds (with ``details()``).
-    """
-    began = time.monotonic()
-    while not predicate():
-        if time.monotonic() - began > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{details()}")
-        time.sleep(interval)
-    return time.monotonic() - began
 
 
 def child_pids(pid: int) -> set[int]:
@@ -158,10 +138,10 @@ class Cli:
         return child_pids(self.pid)
 
     def wait_output(self, text: str, *, count: int = 1, timeout: float = 20) -> float:
-        return wait_for(
+        return wait_until(
             lambda: self.count(text) >= count,
-            timeout,
             f"{count}x {text!r} in the output",
+            timeout,
             details=self.tail,
         )
 
@@ -169,10 +149,10 @@ class Cli:
         """Wait until ``total`` (default: ``processes``) worker processes reported
         ready and ``processes`` children are alive."""
         self.wait_output(READY, count=total or processes, timeout=timeout)
-        wait_for(
+        wait_until(
             lambda: len(self.children()) == processes,
-            timeout,
             f"{processes} worker processes",
+            timeout,
             details=self.tail,
         )
 
@@ -306,10 +286,10 @@ class App:
         ]
 
     def wait_done(self, keys: range, *, timeout: float, cli: Cli | None = None) -> float:
-        return wait_for(
+        return wait_until(
             lambda: self.done(keys),
-            timeout,
             f"messages {keys.start}..{keys.stop - 1} to run",
+            timeout,
             details=lambda: (
                 f"ran {len(self.runs())} of {len(keys)}, {self.waiting()} waiting\n"
                 + (cli.tail() if cli else "")
@@ -372,7 +352,7 @@ def test_sigterm_with_work_in_flight_loses_nothing(app: App) -> None:
     app.enqueue(keys, sleep_ms=300)
     cli = app.start("tasks", "-p", "2", "-t", "2", "--worker-shutdown-timeout", "20000")
     cli.wait_ready(2)
-    wait_for(lambda: len(app.started()) >= 2, 10, "actors to start", details=cli.tail)
+    wait_until(lambda: len(app.started()) >= 2, "actors to start", 10, details=cli.tail)
     in_flight = set(app.started()) - set(app.runs())
     assert in_flight, "nothing was in flight at SIGTERM"
     began = time.monotonic()
@@ -460,7 +440,7 @@ def test_sigkill_of_one_worker_process_restarts_it_alone(app: App) -> None:
     keys = range(2000)
     began = time.monotonic()
     app.enqueue(keys, sleep_ms=10)
-    wait_for(lambda: len(app.runs()) >= 300, 20, "300 messages to run", details=cli.tail)
+    wait_until(lambda: len(app.runs()) >= 300, "300 messages to run", 20, details=cli.tail)
     victim, survivor = by_index[0], by_index[1]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -474,7 +454,7 @@ def test_sigkill_of_one_worker_process_restarts_it_alone(app: App) -> None:
         replacement.update(cli.children() - {victim, survivor})
         return bool(replacement)
 
-    down_for = wait_for(replaced, 20, "a replacement worker process", details=cli.tail)
+    down_for = wait_until(replaced, "a replacement worker process", 20, details=cli.tail)
     at_restart = app.pids().get(survivor, 0)
     assert at_restart > at_kill, (
         f"worker 1 did no work while worker 0 was down ({at_kill} -> {at_restart})"
@@ -615,7 +595,7 @@ def test_a_second_sighup_during_a_reload_keeps_it_graceful(app: App) -> None:
     cli.wait_ready(1)
     keys = range(2)
     app.enqueue(keys, sleep_ms=1500)
-    wait_for(lambda: len(app.started()) == 2, 10, "both actors to start", details=cli.tail)
+    wait_until(lambda: len(app.started()) == 2, "both actors to start", 10, details=cli.tail)
     cli.signal(signal.SIGHUP)
     cli.wait_output("Stopping worker process...")  # the worker handled the first SIGHUP
     cli.signal(signal.SIGHUP)
@@ -721,7 +701,7 @@ def test_the_prometheus_endpoint_serves_every_worker_process(
             )
         return False
 
-    wait_for(counted, 20, "the endpoint to count 40 messages", details=cli.tail)
+    wait_until(counted, "the endpoint to count 40 messages", 20, details=cli.tail)
     text = scrape()
     # The multiprocess collector shows the metrics that have samples (no errors,
     # retries, rejects or delays happened here; tests/extras/test_prometheus.py covers them).

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -28,7 +28,6 @@ __all__ = [
     "keys_under",
     "leftover_keys",
     "private_redis",
-    "wait_until",
 ]
 
 #: The server binary (``/usr/bin/redis-server`` on the test machines).
@@ -240,28 +239,6 @@ def delete_namespace(client: redis.Redis, namespace: str) -> int:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def wait_until(
-    predicate: Callable[[], object],
-    timeout: float,
-    *,
-    interval: float = 0.02,
-    what: str = "condition",
-) -> float:
-    """Poll ``predicate()`` until true; return the seconds it took.
-
-    Raises:
-        AssertionError: not true within ``timeout`` seconds.
-    """
-    began = time.monotonic()
-    deadline = began + timeout
-    while True:
-        if predicate():
-            return time.monotonic() - began
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,20 +50,11 @@ from tests.brokers.rabbitmq.rabbitmq_crash_worker import (
     declare_record,
     make_broker,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbitmq]
 
 WORKER_SCRIPT = Path(__file__).with_name("rabbitmq_crash_worker.py")
-
-
-def wait_until(
-    condition: Callable[[], bool], timeout: float, *, what: str, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -317,7 +308,7 @@ def assert_all_processed(
 
     began = time.monotonic()
     with contextlib.suppress(AssertionError):  # the asserts below say what is wrong
-        wait_until(settled, timeout, interval=0.2, what=label)
+        wait_until(settled, label, timeout, interval=0.2)
     settled_after = time.monotonic() - began
     final = runs.counts()
     left = {n: c for n, c in queue_counts(*names).items() if c != QueueCounts(0, 0)}
@@ -399,7 +390,7 @@ def test_server_closing_a_draining_workers_connections_loses_nothing(
         def reached(target: float = target) -> bool:
             return runs.processed() >= target
 
-        wait_until(reached, 30, what=f"{fraction:.0%} processed")
+        wait_until(reached, f"{fraction:.0%} processed", 30, interval=0.05)
         closed.append(close_connections_named(connection_name))
     at_last_close = runs.processed()
     assert at_last_close < total, "the drain was over before the last close; raise n"
@@ -445,7 +436,7 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_restarted_one(
     child = cleanup.spawn(
         queue, runs, connection_name, tmp_path / "worker-1.log", "--threads", "8", "--sleep-ms", "5"
     )
-    wait_until(lambda: runs.processed() >= n // 3, 30, what="a third processed")
+    wait_until(lambda: runs.processed() >= n // 3, "a third processed", 30, interval=0.05)
     # Frozen, the worker acks nothing more: what the server counts unacked is what it
     # holds when it dies.
     child.process.send_signal(signal.SIGSTOP)
@@ -461,8 +452,9 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_restarted_one(
     # The server notices the dead connections and hands back what they held.
     wait_until(
         lambda: all(rabbit.consumers(name) == 0 for name in names),
+        "the dead worker's consumers to go",
         30,
-        what="the dead worker's consumers to go",
+        interval=0.05,
     )
     assert connections_named(connection_name) == []
     handed_back = time.monotonic() - killed

@@ -44,7 +44,8 @@ from tests.brokers.redis.redis_crash_worker import (
     poison_runs_key,
     processed_key,
 )
-from tests.support.redis_server import RedisServer, keys_under, leftover_keys, wait_until
+from tests.support.redis_server import RedisServer, keys_under, leftover_keys
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.redis]
 
@@ -300,7 +301,7 @@ def assert_all_processed(
 
     began = time.monotonic()
     with contextlib.suppress(AssertionError):
-        wait_until(done, timeout, interval=0.05, what=label)
+        wait_until(done, label, timeout, interval=0.05)
     settled_after = time.monotonic() - began
     final = dict(counts())
     missing = expected - final.keys()
@@ -392,9 +393,9 @@ def test_messages_of_a_consumer_dead_between_fetch_and_ack_are_recovered_in_time
 
     wait_until(
         lambda: not ack_set_keys(client, namespace, dead_id),
+        "the dead consumer's ack set to be recovered",
         HEARTBEAT_TIMEOUT + REQUEUE_INTERVAL + 5000,
         interval=0.005,
-        what="the dead consumer's ack set to be recovered",
     )
     recovered_ms = time.time() * 1000
     since_beat = recovered_ms - last_beat
@@ -415,8 +416,8 @@ def test_messages_of_a_consumer_dead_between_fetch_and_ack_are_recovered_in_time
     assert outcome.duplicates == 0, f"{outcome.duplicates} duplicates"
     wait_until(
         lambda: heartbeat_ms(client, namespace, dead_id) is None,
+        "the dead consumer's heartbeat entry to be forgotten",
         5,
-        what="the dead consumer's heartbeat entry to be forgotten",
     )
 
 
@@ -446,7 +447,7 @@ def test_worker_survives_a_redis_restart_with_aof(
 
     caplog.set_level(logging.WARNING)
     cleanup.worker(broker)
-    wait_until(lambda: len(tally.snapshot()) >= n // 3, 20, what="a third processed")
+    wait_until(lambda: len(tally.snapshot()) >= n // 3, "a third processed", 20)
     before = len(tally.snapshot())
     downtime = server.restart(downtime=0.3, hard=stop == "sigkill")
     restarted = time.monotonic()
@@ -504,7 +505,7 @@ def test_client_kill_during_a_drain_loses_nothing(
             def reached(target: float = target) -> bool:
                 return len(tally.snapshot()) >= target
 
-            wait_until(reached, 30, what=f"{fraction:.0%} processed")
+            wait_until(reached, f"{fraction:.0%} processed", 30)
             killed.append(admin.client_kill_filter(_type="normal", skipme=True))
             killed.append(admin.client_kill_filter(_type="pubsub"))
         assert len(tally.snapshot()) < n, "the drain was over before the last kill; raise n"
@@ -653,7 +654,7 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_fresh_one(
         "--sleep-ms",
         "5",
     )
-    wait_until(lambda: len(processed()) >= n // 3, 20, what="a third processed")
+    wait_until(lambda: len(processed()) >= n // 3, "a third processed", 20)
     child.sigkill()
     killed = time.monotonic()
     at_kill = len(processed())
@@ -663,9 +664,9 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_fresh_one(
     cleanup.worker(fresh)
     wait_until(
         lambda: not ack_set_keys(client, namespace, child.broker_id),
+        "the dead worker's ack sets to be recovered",
         HEARTBEAT_TIMEOUT + REQUEUE_INTERVAL + 5000,
         interval=0.005,
-        what="the dead worker's ack sets to be recovered",
     )
     recovery = time.monotonic() - killed
     outcome = assert_all_processed(
@@ -678,8 +679,8 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_fresh_one(
     assert outcome.duplicates <= held, "more duplicates than messages the dead worker held"
     wait_until(
         lambda: heartbeat_ms(client, namespace, child.broker_id) is None,
+        "the dead worker's heartbeat entry to be forgotten",
         5,
-        what="the dead worker's heartbeat entry to be forgotten",
     )
 
 
@@ -740,9 +741,9 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
 
         wait_until(
             recovered,
+            "the dead worker's poison to be recovered",
             HEARTBEAT_TIMEOUT + 5000,
             interval=0.1,
-            what="the dead worker's poison to be recovered",
         )
     elapsed = time.monotonic() - started
     runs = poison_runs().get(poison.message_id, 0)
@@ -792,8 +793,8 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
     processed = redis_counts(client, processed_key(namespace))
     wait_until(
         lambda: {m.message_id for m in messages} <= processed().keys(),
+        "the ordinary messages to run",
         15,
-        what="the ordinary messages to run",
     )
     assert survivor.process.poll() is None, "the poison ran again"
     assert poison_runs().get(poison.message_id, 0) == max_deliveries
@@ -852,7 +853,7 @@ def test_messages_prefetched_beside_a_poison_message_are_not_dead_lettered(
             parent.recover()
             return not ack_set_keys(client, namespace, dead)
 
-        wait_until(recovered, HEARTBEAT_TIMEOUT + 5000, interval=0.1, what="recovery")
+        wait_until(recovered, "recovery", HEARTBEAT_TIMEOUT + 5000, interval=0.1)
     assert client.zscore(xq, poison_rid) is not None, "the poison was not dead-lettered"
 
     # A last worker runs whatever is left.
@@ -870,7 +871,7 @@ def test_messages_prefetched_beside_a_poison_message_are_not_dead_lettered(
         str(max_deliveries),
     )
     with contextlib.suppress(AssertionError):
-        wait_until(lambda: not client.exists(f"{namespace}:poison.msgs"), 10, what="drained")
+        wait_until(lambda: not client.exists(f"{namespace}:poison.msgs"), "drained", 10)
     dead_letters = {_text(rid) for rid in client.zrange(xq, 0, -1) if isinstance(rid, bytes | str)}
     innocent_rids = {m.options["redis_message_id"] for m in innocents}
     collateral = dead_letters & innocent_rids
@@ -946,7 +947,7 @@ def test_a_message_running_beside_a_poison_message_is_never_dead_lettered(
             parent.recover()
             return not ack_set_keys(client, namespace, dead)
 
-        wait_until(recovered, HEARTBEAT_TIMEOUT + 5000, interval=0.1, what="recovery")
+        wait_until(recovered, "recovery", HEARTBEAT_TIMEOUT + 5000, interval=0.1)
 
     dead_letters = {_text(r) for r in client.zrange(xq, 0, -1) if isinstance(r, bytes | str)}
     counts = redis_counts(client, f"{namespace}:__dq__.deliveries.poison")()

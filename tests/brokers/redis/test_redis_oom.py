@@ -20,7 +20,8 @@ import dq
 from dq import Message
 from dq.brokers.redis import RedisBroker
 from dq.errors import BrokerOutOfMemory
-from tests.support.redis_server import RedisServer, wait_until
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -86,7 +87,7 @@ def test_a_worker_drains_a_full_redis_and_its_heartbeat_is_written(
     worker = dq.Worker(broker, worker_threads=2, worker_timeout=100)
     worker.start()
     try:
-        wait_until(lambda: len(ran) == stored, 30, what=f"{stored} messages to run")
+        wait_until(lambda: len(ran) == stored, f"{stored} messages to run", 30)
     finally:
         worker.stop(timeout=5000)
         broker.close()

@@ -27,7 +27,8 @@ from dq.brokers.redis._redispy import RedisPyConnection
 from dq.errors import ConnectionClosed
 from dq.message import Message
 from tests.support.redis_helpers import client, delete_namespace, keys_under, new_namespace
-from tests.support.redis_server import REDIS_SERVER, RedisServer, free_port, wait_until
+from tests.support.redis_server import REDIS_SERVER, RedisServer, free_port
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.redis]
 
@@ -523,9 +524,7 @@ def test_an_outage_is_logged_once_and_the_recovery_too(
             consumer = broker.consume("q", timeout=10)  # starts the keeper thread
             with caplog.at_level(logging.INFO, logger=broker.logger.name):
                 server.restart(downtime=0.5)
-                wait_until(
-                    lambda: "Redis is reachable again." in caplog.messages, 10, what="recovery"
-                )
+                wait_until(lambda: "Redis is reachable again." in caplog.messages, "recovery", 10)
             consumer.close()
         finally:
             broker.close()

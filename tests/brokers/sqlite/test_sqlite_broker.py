@@ -25,6 +25,7 @@ from dq.brokers.sqlite import DatabaseBusy, DatabaseUnavailable, SqliteBroker
 from dq.errors import BrokerConnectionError, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
 from dq.middleware import Retries
+from tests.support.waiting import wait_until
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parents[2]
@@ -678,14 +679,6 @@ def app_env(path: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     sys.modules.pop("tests.brokers.sqlite.sqlite_worker_app", None)
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_four_processes_of_eight_threads_run_each_message_exactly_once(app_env: str) -> None:
     from tests.brokers.sqlite.sqlite_worker_app import (  # needs the environment set
         QUEUE,
@@ -697,7 +690,7 @@ def test_four_processes_of_eight_threads_run_each_message_exactly_once(app_env: 
     started = time.monotonic()
     process, log = _start_cli(path, processes=4, threads=8, lease=30_000, sleep=0)
     try:
-        _wait_for(lambda: producer.qsize(QUEUE) == 0, 75, "the queue to drain")
+        wait_until(lambda: producer.qsize(QUEUE) == 0, "the queue to drain", 75, interval=0.1)
         elapsed = time.monotonic() - started
     finally:
         _stop_cli(process, log)
@@ -720,14 +713,14 @@ def test_a_killed_worker_process_loses_nothing(app_env: str) -> None:
     producer = _prepare_app(path, count)
     process, log = _start_cli(path, processes=1, threads=8, lease=lease, sleep=0.005)
     try:
-        _wait_for(lambda: len(count_runs(path)) >= 300, 30, "the first runs")
+        wait_until(lambda: len(count_runs(path)) >= 300, "the first runs", 30, interval=0.1)
     finally:
         _stop_cli(process, log, signal.SIGKILL)  # mid-batch: its reservations are orphaned
     in_flight = _rows(path, "SELECT count(*) FROM dq_messages WHERE consumer IS NOT NULL")[0][0]
     assert in_flight > 0
     process, log = _start_cli(path, processes=1, threads=8, lease=lease, sleep=0)
     try:
-        _wait_for(lambda: producer.qsize(QUEUE) == 0, 30, "a fresh worker to finish")
+        wait_until(lambda: producer.qsize(QUEUE) == 0, "a fresh worker to finish", 30, interval=0.1)
     finally:
         _stop_cli(process, log)
     runs = count_runs(path)
