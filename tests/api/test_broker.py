@@ -14,6 +14,7 @@ from dq import ActorNotFound, Broker
 from dq.brokers.stub import StubBroker
 from dq.middleware import Middleware, SkipMessage
 from dq.middleware.middleware import HOOK_NAMES
+from tests.support.global_broker import kept_global_broker
 
 
 class First(Middleware):
@@ -153,13 +154,10 @@ def test_get_actor_and_results_backend() -> None:
 
 @pytest.fixture
 def no_global_broker() -> Iterator[None]:
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
-    dq.broker.global_broker = None
-    dq.broker._floating.clear()
-    yield
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
+    with kept_global_broker():
+        dq.broker.global_broker = None
+        dq.broker._floating.clear()
+        yield
 
 
 @pytest.mark.usefixtures("no_global_broker")

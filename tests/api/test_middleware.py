@@ -44,6 +44,7 @@ from dq.middleware import (
 )
 from dq.middleware.retries import DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF
 from dq.worker import settle_or_dead_letter
+from tests.support.global_broker import installed
 
 NOW = 1_700_000_000_000
 
@@ -103,21 +104,10 @@ def rng() -> Iterator[FixedRandom]:
     runtime.set_random(previous)
 
 
-def _install(broker: StubBroker) -> Iterator[StubBroker]:
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
-    dq.set_broker(broker)
-    yield broker
-    broker.flush_all()
-    broker.close()
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
-
-
 @pytest.fixture
 def broker() -> Iterator[StubBroker]:
     """A StubBroker with the default stack, installed as the global broker."""
-    yield from _install(StubBroker())
+    yield from installed(StubBroker())
 
 
 @pytest.fixture

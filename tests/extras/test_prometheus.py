@@ -35,6 +35,7 @@ from dq import Message, MessageProxy, Worker, runtime
 from dq.brokers.stub import StubBroker
 from dq.middleware import prometheus
 from dq.middleware.prometheus import Prometheus
+from tests.support.global_broker import installed
 
 LABELS = ("queue_name", "actor_name")
 BUCKETS = [
@@ -95,15 +96,7 @@ def prom_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def broker() -> Iterator[StubBroker]:
     """A StubBroker with the default stack, installed as the global broker."""
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
-    broker = StubBroker()
-    dq.set_broker(broker)
-    yield broker
-    broker.flush_all()
-    broker.close()
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
+    yield from installed(StubBroker())
 
 
 def collect(path: Path) -> tuple[dict[str, str], Samples]:

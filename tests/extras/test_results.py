@@ -44,6 +44,7 @@ from dq.results.backends.memcached import expire_seconds, parse_servers
 from dq.results.middleware import DEFAULT_RESULT_TTL
 from tests.support import redis_helpers as redis_support
 from tests.support.backends import BACKENDS
+from tests.support.global_broker import installed
 
 MEMCACHED = ("127.0.0.1", 11211)
 
@@ -438,16 +439,9 @@ def test_server_backends_are_imported_lazily(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture
 def results_broker() -> Iterator[StubBroker]:
     """A StubBroker with the default middleware and Results(StubBackend), global."""
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
     broker = StubBroker(fail_fast_default=False)
     broker.add_middleware(Results(backend=StubBackend()))
-    dq.set_broker(broker)
-    yield broker
-    broker.flush_all()
-    broker.close()
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
+    yield from installed(broker)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from dq.middleware import (
 )
 from dq.runtime import Runner
 from dq.threading import raise_thread_exception
+from tests.support.global_broker import kept_global_broker
 from tests.support.redis_helpers import client, delete_namespace, keys_under, new_namespace
 
 logger = logging.getLogger("dq.tests.asyncio")
@@ -84,8 +85,6 @@ def _no_loop_thread_left() -> Iterator[None]:
 @pytest.fixture
 def make_broker() -> Iterator[Callable[..., StubBroker]]:
     """Build a StubBroker with the given middleware, installed as the global broker."""
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
     brokers: list[StubBroker] = []
 
     def make(*middleware: Middleware) -> StubBroker:
@@ -94,12 +93,11 @@ def make_broker() -> Iterator[Callable[..., StubBroker]]:
         brokers.append(broker)
         return broker
 
-    yield make
-    for broker in brokers:
-        broker.flush_all()
-        broker.close()
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
+    with kept_global_broker():
+        yield make
+        for broker in brokers:
+            broker.flush_all()
+            broker.close()
 
 
 @pytest.fixture

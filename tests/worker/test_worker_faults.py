@@ -22,15 +22,13 @@ from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
 from dq.core import DeathReason, InvalidValue, policy
 from dq.middleware import Middleware
+from tests.support.global_broker import kept_global_broker
 
 
 @pytest.fixture(autouse=True)
 def _restore_global_broker() -> Iterator[None]:
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
-    yield
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
+    with kept_global_broker():
+        yield
 
 
 class Wrapped(Consumer):

@@ -19,6 +19,7 @@ import dq.broker
 from dq import Message, MessageProxy, Worker
 from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
+from tests.support.global_broker import kept_global_broker
 
 #: How long an actor waits for something that must not happen (it only bounds the
 #: test's duration: no assertion depends on it).
@@ -27,11 +28,8 @@ PATIENCE = 0.3
 
 @pytest.fixture(autouse=True)
 def _restore_global_broker() -> Iterator[None]:
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
-    yield
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
+    with kept_global_broker():
+        yield
 
 
 class Suspecting(Consumer):

@@ -25,6 +25,7 @@ from dq.brokers.sqlite import DatabaseBusy, DatabaseUnavailable, SqliteBroker
 from dq.errors import BrokerConnectionError, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
 from dq.middleware import Retries
+from tests.support.global_broker import kept_global_broker
 from tests.support.waiting import wait_until
 
 TESTS = Path(__file__).parent
@@ -63,11 +64,8 @@ def broker(path: str, brokers: list[SqliteBroker]) -> SqliteBroker:
 
 @pytest.fixture
 def global_broker() -> Iterator[None]:
-    previous = dq.broker.global_broker
-    floating = list(dq.broker._floating)
-    yield
-    dq.broker.global_broker = previous
-    dq.broker._floating[:] = floating
+    with kept_global_broker():
+        yield
 
 
 def _message(n: int, queue: str = "q", actor: str = "act") -> Message[Any]:
