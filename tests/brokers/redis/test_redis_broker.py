@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from dq import Message, Worker
 from dq.broker import Broker
 from dq.brokers.redis import RedisBroker
 from dq.errors import ConnectionClosed, QueueJoinTimeout, QueueNotFound
-from tests.support.redis_helpers import client, delete_namespace, keys_under, new_namespace
+from tests.support.redis_helpers import client, keys_under
 
 pytestmark = [pytest.mark.redis]
 
@@ -31,18 +30,10 @@ def _decode(payload: object) -> Message[Any]:
 
 
 @pytest.fixture
-def namespace() -> Iterator[str]:
-    name = new_namespace()
-    yield name
-    delete_namespace(client(), name)
-
-
-@pytest.fixture
-def broker(namespace: str) -> Iterator[RedisBroker]:
-    b = RedisBroker(namespace=namespace, heartbeat_timeout=1000, requeue_interval=100)
-    dq.set_broker(b)
-    yield b
-    b.close()
+def broker(broker: RedisBroker) -> RedisBroker:
+    """The folder's broker (tests/brokers/redis/conftest.py), as dq's global broker."""
+    dq.set_broker(broker)
+    return broker
 
 
 def _raw(conn: redis.Redis, key: str) -> str:

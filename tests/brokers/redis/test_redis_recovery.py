@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -24,23 +23,9 @@ from dq.brokers.steps import ServerStep, uncovered
 from dq.core import DeathReason, Run
 from dq.core.commands import COMMAND_TYPES
 from dq.errors import InvalidQueueName, QueueNotFound
-from tests.support.redis_helpers import client, delete_namespace, keys_under, new_namespace
+from tests.support.redis_helpers import keys_under
 
 pytestmark = [pytest.mark.redis]
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    name = new_namespace()
-    yield name
-    delete_namespace(client(), name)
-
-
-@pytest.fixture
-def broker(namespace: str) -> Iterator[RedisBroker]:
-    b = RedisBroker(namespace=namespace, heartbeat_timeout=1000, requeue_interval=100)
-    yield b
-    b.close()
 
 
 def _text(value: object) -> str:

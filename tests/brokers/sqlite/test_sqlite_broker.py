@@ -42,27 +42,6 @@ def _remove_database(path: str) -> None:
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> str:
-    return str(tmp_path / "dq.sqlite3")
-
-
-@pytest.fixture
-def brokers(path: str) -> Iterator[list[SqliteBroker]]:
-    made: list[SqliteBroker] = []
-    yield made
-    for broker in made:
-        broker.close()
-
-
-@pytest.fixture
-def broker(path: str, brokers: list[SqliteBroker]) -> SqliteBroker:
-    broker = SqliteBroker(path, middleware=[], poll_interval=10)
-    brokers.append(broker)
-    broker.declare_queue("q")
-    return broker
-
-
-@pytest.fixture
 def global_broker() -> Iterator[None]:
     with kept_global_broker():
         yield

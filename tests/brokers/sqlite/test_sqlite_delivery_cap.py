@@ -30,19 +30,6 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parents[2]
 
 
-@pytest.fixture
-def path(tmp_path: Path) -> str:
-    return str(tmp_path / "dq.sqlite3")
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[SqliteBroker]]:
-    made: list[SqliteBroker] = []
-    yield made
-    for broker in made:
-        broker.close()
-
-
 def _broker(path: str, brokers: list[SqliteBroker], **options: Any) -> SqliteBroker:
     broker = SqliteBroker(path, middleware=[], poll_interval=10, **options)
     brokers.append(broker)

@@ -13,8 +13,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -32,27 +31,6 @@ from dq.brokers.steps import Cannot, ServerStep, uncovered
 from dq.core import DeathReason, policy
 from dq.errors import BrokerConnectionError, QueueNotFound
 from dq.message import Message
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> str:
-    return str(tmp_path / "dq.sqlite3")
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[SqliteBroker]]:
-    made: list[SqliteBroker] = []
-    yield made
-    for broker in made:
-        broker.close()
-
-
-@pytest.fixture
-def broker(path: str, brokers: list[SqliteBroker]) -> SqliteBroker:
-    broker = SqliteBroker(path, middleware=[], poll_interval=10)
-    brokers.append(broker)
-    broker.declare_queue("q")
-    return broker
 
 
 def _message(n: int, queue: str = "q") -> Message[Any]:
