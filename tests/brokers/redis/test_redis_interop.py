@@ -11,27 +11,35 @@ Needs the Redis server on 127.0.0.1:6379 and ``dramatiq==2.2.1`` (a test-only de
 
 from __future__ import annotations
 
-import abc
 import json
-import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import dramatiq
-import dramatiq.broker
-import dramatiq.middleware
 import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker as DramatiqRedisBroker
 
-import dq
-import dq.broker
-import dq.middleware
 from dq.brokers.redis import RedisBroker as DqRedisBroker
+from tests.support import interop
+from tests.support.interop import (
+    DIRECTIONS,
+    FAST_RETRY,
+    DqSide,
+    DramatiqSide,
+    Recorder,
+    Side,
+    always_fail,
+    directed,
+    envelope,
+    fail_first_attempt,
+    kept_global_brokers,
+    now_ms,
+    record,
+)
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.redis]
 
@@ -41,335 +49,15 @@ REDIS_PORT = 6379
 #: The queue every actor of these tests uses (the namespace is per test).
 QUEUE = "interop"
 
-#: How long a test waits for messages to be processed before failing, in seconds.
-WAIT = 10.0
 
-#: Both workers' settings (as the brief asks).
-WORKER_THREADS = 2
-WORKER_TIMEOUT = 100
-
-#: Retry options sent with the messages: the consuming side's Retries reads them
-#: (by key presence), so a retry waits 50-100 ms in the delay queue.
-FAST_RETRY: dict[str, Any] = {"min_backoff": 50, "max_backoff": 100}
-
-Envelope = dict[str, Any]
-
-
-def now_ms() -> float:
-    return time.time() * 1000
-
-
-def envelope(encoded: bytes) -> Envelope:
-    """The seven fields of an encoded message, as plain JSON values."""
-    data = json.loads(encoded)
-    assert isinstance(data, dict)
-    return data
-
-
-# -- what the actors record ------------------------------------------------------------
-
-
-class Boom(Exception):
-    """What the failing actors raise."""
-
-
-@dataclass(frozen=True)
-class Call:
-    """One attempt of an actor, as seen from inside it."""
-
-    side: str
-    actor_name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    message: Envelope
-    started_ms: float
-
-
-class Recorder:
-    """Thread-safe list of calls, with a deadline-bounded wait."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._calls: list[Call] = []
-
-    def add(self, call: Call) -> None:
-        with self._cond:
-            self._calls.append(call)
-            self._cond.notify_all()
-
-    @property
-    def calls(self) -> list[Call]:
-        with self._cond:
-            return list(self._calls)
-
-    def wait_for(self, done: Callable[[list[Call]], bool], timeout: float = WAIT) -> list[Call]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not done(self._calls):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(
-                        f"timed out after {timeout}s; calls so far: {self._calls!r}"
-                    )
-                self._cond.wait(remaining)
-            return list(self._calls)
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-Behaviour = Callable[[Call], None]
-
-
-def record(recorder: Recorder) -> Behaviour:
-    return recorder.add
-
-
-def fail_first_attempt(recorder: Recorder) -> Behaviour:
-    def run(call: Call) -> None:
-        recorder.add(call)
-        if "retries" not in call.message["options"]:
-            raise Boom("first attempt fails")
-
-    return run
-
-
-def always_fail(recorder: Recorder) -> Behaviour:
-    def run(call: Call) -> None:
-        recorder.add(call)
-        raise Boom("this one never succeeds")
-
-    return run
-
-
-# -- the two libraries behind one interface ----------------------------------------------
-
-
-class Side(abc.ABC):
-    """One library's broker (and, once started, worker) on the test's namespace."""
-
-    label: str
-
-    @abc.abstractmethod
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        """Declare an actor named ``actor_name`` on QUEUE that runs ``behaviour``."""
-
-    @abc.abstractmethod
-    def send(
-        self,
-        actor_name: str,
-        *,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-        delay: int | None = None,
-        **options: Any,
-    ) -> Envelope:
-        """Enqueue through this library; return the stored copy's fields."""
-
-    @abc.abstractmethod
-    def current_message(self) -> Envelope:
-        """The fields of the message being processed (inside an actor)."""
-
-    @abc.abstractmethod
-    def decode(self, raw: bytes) -> Envelope:
-        """Decode with this library's ``Message.decode``; return the fields it read."""
-
-    @abc.abstractmethod
-    def reencode(self, raw: bytes) -> bytes:
-        """``Message.decode(raw).encode()`` with this library."""
-
-    @abc.abstractmethod
-    def start_worker(self) -> None: ...
-
-    @abc.abstractmethod
-    def stop_worker(self) -> None: ...
-
-    @abc.abstractmethod
-    def flush(self, queue_name: str) -> None: ...
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-    @property
-    @abc.abstractmethod
-    def broker_id(self) -> str:
-        """The worker id ``W`` of this side's broker (its ack sets' infix)."""
-
-    def _wrap(self, actor_name: str, behaviour: Behaviour) -> Callable[..., None]:
-        def fn(*args: Any, **kwargs: Any) -> None:
-            behaviour(
-                Call(
-                    side=self.label,
-                    actor_name=actor_name,
-                    args=list(args),
-                    kwargs=dict(kwargs),
-                    message=self.current_message(),
-                    started_ms=now_ms(),
-                )
-            )
-
-        fn.__name__ = actor_name
-        return fn
-
-
-class DqSide(Side):
-    label = "dq"
-
-    @property
-    def broker_id(self) -> str:
-        return str(self.broker.broker_id)
-
-    def __init__(self, namespace: str) -> None:
-        self.broker = DqRedisBroker(namespace=namespace, host=REDIS_HOST, port=REDIS_PORT)
-        self.broker.add_middleware(dq.middleware.CurrentMessage())
-        dq.set_broker(self.broker)
-        self.actors: dict[str, dq.Actor[..., None]] = {}
-        self.worker: dq.Worker | None = None
-        self.closed = False
-
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        fn = self._wrap(actor_name, behaviour)
-        self.actors[actor_name] = dq.actor(
-            actor_name=actor_name, queue_name=QUEUE, broker=self.broker
-        )(fn)
-
-    def send(
-        self,
-        actor_name: str,
-        *,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-        delay: int | None = None,
-        **options: Any,
-    ) -> Envelope:
-        stored = self.actors[actor_name].send_with_options(
-            args=args, kwargs=kwargs, delay=delay, **options
-        )
-        return envelope(stored.encode())
-
-    def current_message(self) -> Envelope:
-        message = dq.middleware.CurrentMessage.get_current_message()
-        assert message is not None
-        return envelope(message.encode())
-
-    def decode(self, raw: bytes) -> Envelope:
-        message = dq.Message.decode(raw)
-        return {
-            "queue_name": message.queue_name,
-            "actor_name": message.actor_name,
-            "args": json.loads(json.dumps(list(message.args))),
-            "kwargs": json.loads(json.dumps(dict(message.kwargs))),
-            "options": envelope(message.encode())["options"],
-            "message_id": message.message_id,
-            "message_timestamp": message.message_timestamp,
-        }
-
-    def reencode(self, raw: bytes) -> bytes:
-        return dq.Message.decode(raw).encode()
-
-    def start_worker(self) -> None:
-        self.worker = dq.Worker(
-            self.broker, worker_threads=WORKER_THREADS, worker_timeout=WORKER_TIMEOUT
-        )
-        self.worker.start()
-
-    def stop_worker(self) -> None:
-        if self.worker is not None:
-            worker, self.worker = self.worker, None
-            worker.stop()
-
-    def flush(self, queue_name: str) -> None:
-        self.broker.flush(queue_name)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.broker.close()
-            self.broker.client.close()
-
-
-class DramatiqSide(Side):
-    label = "dramatiq"
-
-    @property
-    def broker_id(self) -> str:
-        return str(self.broker.broker_id)
-
-    def __init__(self, namespace: str) -> None:
-        # Dramatiq's RedisBroker.__init__ is unannotated (the rest of its API is typed).
-        self.broker = DramatiqRedisBroker(  # type: ignore[no-untyped-call]  # see above
-            namespace=namespace, host=REDIS_HOST, port=REDIS_PORT
-        )
-        self.broker.add_middleware(dramatiq.middleware.CurrentMessage())
-        dramatiq.set_broker(self.broker)
-        self.actors: dict[str, dramatiq.Actor[..., None]] = {}
-        self.worker: dramatiq.Worker | None = None
-        self.closed = False
-
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        fn = self._wrap(actor_name, behaviour)
-        self.actors[actor_name] = dramatiq.actor(
-            actor_name=actor_name, queue_name=QUEUE, broker=self.broker
-        )(fn)
-
-    def send(
-        self,
-        actor_name: str,
-        *,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-        delay: int | None = None,
-        **options: Any,
-    ) -> Envelope:
-        stored = self.actors[actor_name].send_with_options(
-            args=args, kwargs=kwargs, delay=delay, **options
-        )
-        return envelope(stored.encode())
-
-    def current_message(self) -> Envelope:
-        message = dramatiq.middleware.CurrentMessage.get_current_message()
-        assert message is not None
-        return envelope(message.encode())
-
-    def decode(self, raw: bytes) -> Envelope:
-        message = dramatiq.Message.decode(raw)
-        return {
-            "queue_name": message.queue_name,
-            "actor_name": message.actor_name,
-            "args": json.loads(json.dumps(list(message.args))),
-            "kwargs": json.loads(json.dumps(message.kwargs)),
-            "options": json.loads(json.dumps(message.options)),
-            "message_id": message.message_id,
-            "message_timestamp": message.message_timestamp,
-        }
-
-    def reencode(self, raw: bytes) -> bytes:
-        return dramatiq.Message.decode(raw).encode()
-
-    def start_worker(self) -> None:
-        self.worker = dramatiq.Worker(
-            self.broker, worker_threads=WORKER_THREADS, worker_timeout=WORKER_TIMEOUT
-        )
-        self.worker.start()
-
-    def stop_worker(self) -> None:
-        if self.worker is not None:
-            worker, self.worker = self.worker, None
-            worker.stop()
-
-    def flush(self, queue_name: str) -> None:
-        self.broker.flush(queue_name)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.broker.close()
-            self.broker.client.close()
+def redis_sides(namespace: str) -> tuple[DqSide[DqRedisBroker], DramatiqSide[DramatiqRedisBroker]]:
+    """dq's and Dramatiq's RedisBroker on ``namespace``, each declaring its actors on QUEUE."""
+    dq_broker = DqRedisBroker(namespace=namespace, host=REDIS_HOST, port=REDIS_PORT)
+    # Dramatiq's RedisBroker.__init__ is unannotated (the rest of its API is typed).
+    dramatiq_broker = DramatiqRedisBroker(  # type: ignore[no-untyped-call]  # see above
+        namespace=namespace, host=REDIS_HOST, port=REDIS_PORT
+    )
+    return DqSide(dq_broker, QUEUE), DramatiqSide(dramatiq_broker, QUEUE)
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -397,31 +85,17 @@ def namespace(client: redis.Redis) -> Iterator[str]:
 
 
 @dataclass
-class Fleet:
+class Fleet(interop.Fleet):
     """Both libraries on one namespace; ``producer`` sends and ``consumer`` works."""
 
     namespace: str
     client: redis.Redis
-    dq: DqSide
-    dramatiq: DramatiqSide
-    producer: Side
-    consumer: Side
-
-    @property
-    def sides(self) -> tuple[Side, Side]:
-        return (self.dq, self.dramatiq)
-
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        """Declare the same actor (name and queue) on both sides."""
-        for side in self.sides:
-            side.declare(actor_name, behaviour)
 
     def shutdown(self) -> None:
-        """Stop both workers, then close both brokers (idempotent)."""
+        """Stop both workers, then close both brokers and their clients (idempotent)."""
+        super().shutdown()
         for side in self.sides:
-            side.stop_worker()
-        for side in self.sides:
-            side.close()
+            side.broker.client.close()
 
     # -- looking at Redis ---------------------------------------------------------------
 
@@ -451,9 +125,9 @@ class Fleet:
             entries.append((as_str(member), float(score)))
         return entries
 
-    def ack_set(self, side: Side, queue_name: str) -> set[str]:
+    def ack_set(self, side: Side[Any], queue_name: str) -> set[str]:
         """The ids ``side``'s broker holds (fetched, unsettled) from ``ns:queue_name``."""
-        key = self.key(f"__acks__.{side.broker_id}.{queue_name}")
+        key = self.key(f"__acks__.{side.broker.broker_id}.{queue_name}")
         return {as_str(rid) for rid in self.client.smembers(key)}
 
     def key_type(self, name: str) -> str:
@@ -470,35 +144,18 @@ def as_str(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-DIRECTIONS = ["dramatiq-to-dq", "dq-to-dramatiq"]
-
-
-def _restore_globals() -> Callable[[], None]:
-    dq_previous = dq.broker.global_broker
-    dq_floating = list(dq.broker._floating)
-    dramatiq_previous = dramatiq.broker.global_broker
-
-    def restore() -> None:
-        dq.broker.global_broker = dq_previous
-        dq.broker._floating[:] = dq_floating
-        dramatiq.broker.global_broker = dramatiq_previous
-
-    return restore
-
-
 @pytest.fixture
-def both(namespace: str, client: redis.Redis) -> Iterator[tuple[DqSide, DramatiqSide]]:
-    restore = _restore_globals()
-    dq_side = DqSide(namespace)
-    dramatiq_side = DramatiqSide(namespace)
-    try:
-        yield dq_side, dramatiq_side
-    finally:
-        for side in (dq_side, dramatiq_side):
-            side.stop_worker()
-        for side in (dq_side, dramatiq_side):
-            side.close()
-        restore()
+def both(namespace: str) -> Iterator[tuple[DqSide[Any], DramatiqSide[Any]]]:
+    with kept_global_brokers():
+        dq_side, dramatiq_side = redis_sides(namespace)
+        try:
+            yield dq_side, dramatiq_side
+        finally:
+            for side in (dq_side, dramatiq_side):
+                side.stop_worker()
+            for side in (dq_side, dramatiq_side):
+                side.close()
+                side.broker.client.close()
 
 
 @pytest.fixture(params=DIRECTIONS)
@@ -506,22 +163,19 @@ def fleet(
     request: pytest.FixtureRequest,
     namespace: str,
     client: redis.Redis,
-    both: tuple[DqSide, DramatiqSide],
+    both: tuple[DqSide[Any], DramatiqSide[Any]],
 ) -> Fleet:
     dq_side, dramatiq_side = both
-    producer: Side
-    consumer: Side
-    if request.param == "dramatiq-to-dq":
-        producer, consumer = dramatiq_side, dq_side
-    else:
-        producer, consumer = dq_side, dramatiq_side
-    return Fleet(namespace, client, dq_side, dramatiq_side, producer, consumer)
+    producer, consumer = directed(request.param, dq_side, dramatiq_side)
+    return Fleet(dq_side, dramatiq_side, producer, consumer, namespace, client)
 
 
 @pytest.fixture
-def mixed(namespace: str, client: redis.Redis, both: tuple[DqSide, DramatiqSide]) -> Fleet:
+def mixed(
+    namespace: str, client: redis.Redis, both: tuple[DqSide[Any], DramatiqSide[Any]]
+) -> Fleet:
     dq_side, dramatiq_side = both
-    return Fleet(namespace, client, dq_side, dramatiq_side, dq_side, dramatiq_side)
+    return Fleet(dq_side, dramatiq_side, dq_side, dramatiq_side, namespace, client)
 
 
 # -- the tests -----------------------------------------------------------------------------
@@ -534,7 +188,7 @@ def test_plain_messages_cross_and_run_exactly_once(fleet: Fleet) -> None:
     for i in range(30):
         args = (i, f"s{i}", [i, {"nested": i * 1.5}], None, i % 2 == 0)
         kwargs = {"k": [i], "text": 'é€😀 /\\"', "big": 2**70 + i}
-        stored = fleet.producer.send("echo", args=args, kwargs=kwargs)
+        stored = envelope(fleet.producer.send("echo", args=args, kwargs=kwargs))
         sent[stored["message_id"]] = (list(args), kwargs)
         assert stored["queue_name"] == QUEUE
         assert "eta" not in stored["options"]
@@ -560,7 +214,7 @@ def test_delayed_messages_are_promoted_by_the_consumer_after_their_eta(fleet: Fl
     fleet.declare("later", record(recorder))
     fleet.declare("now", record(recorder))
 
-    delayed = [fleet.producer.send("later", args=(i,), delay=200) for i in range(3)]
+    delayed = [envelope(fleet.producer.send("later", args=(i,), delay=200)) for i in range(3)]
     for stored in delayed:
         # The producer stored it on Q.DQ, with an integer ms eta (spec §3.8 step 1).
         assert stored["queue_name"] == f"{QUEUE}.DQ"
@@ -573,7 +227,7 @@ def test_delayed_messages_are_promoted_by_the_consumer_after_their_eta(fleet: Fl
         s["options"]["redis_message_id"] for s in delayed
     )
     assert fleet.list_ids(QUEUE) == []
-    immediate = fleet.producer.send("now", args=("go",))
+    immediate = envelope(fleet.producer.send("now", args=("go",)))
 
     fleet.consumer.start_worker()
     recorder.wait_for(lambda calls: len(calls) >= 4)
@@ -602,7 +256,9 @@ def test_delayed_messages_are_promoted_by_the_consumer_after_their_eta(fleet: Fl
 def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fleet) -> None:
     recorder = Recorder()
     fleet.declare("flaky", fail_first_attempt(recorder))
-    stored = fleet.producer.send("flaky", args=(7,), kwargs={"x": "y"}, max_retries=3, **FAST_RETRY)
+    stored = envelope(
+        fleet.producer.send("flaky", args=(7,), kwargs={"x": "y"}, max_retries=3, **FAST_RETRY)
+    )
 
     fleet.consumer.start_worker()
     recorder.wait_for(lambda calls: len(calls) >= 2)
@@ -639,8 +295,8 @@ def test_a_retry_stored_by_one_library_is_run_by_the_other(fleet: Fleet) -> None
     recorder = Recorder()
     fleet.declare("flaky", fail_first_attempt(recorder))
     # A 500-1000 ms backoff: the consumer is stopped well before the retry is due.
-    stored = fleet.producer.send(
-        "flaky", args=(1,), max_retries=3, min_backoff=1000, max_backoff=1000
+    stored = envelope(
+        fleet.producer.send("flaky", args=(1,), max_retries=3, min_backoff=1000, max_backoff=1000)
     )
 
     fleet.consumer.start_worker()
@@ -688,7 +344,7 @@ def test_delayed_messages_held_at_shutdown_go_back_for_the_other_library(fleet: 
     it returns them to Q.DQ, and the producer's worker runs them."""
     recorder = Recorder()
     fleet.declare("later", record(recorder))
-    sent = [fleet.producer.send("later", args=(i,), delay=1000) for i in range(3)]
+    sent = [envelope(fleet.producer.send("later", args=(i,), delay=1000)) for i in range(3)]
     rids = {m["options"]["redis_message_id"] for m in sent}
     dq_queue = f"{QUEUE}.DQ"
 
@@ -724,7 +380,7 @@ def test_a_message_that_fails_for_good_is_dead_lettered_readably(fleet: Fleet) -
     recorder = Recorder()
     fleet.declare("doomed", always_fail(recorder))
     before = now_ms()
-    stored = fleet.producer.send("doomed", args=("x",), max_retries=0, **FAST_RETRY)
+    stored = envelope(fleet.producer.send("doomed", args=("x",), max_retries=0, **FAST_RETRY))
     rid = stored["options"]["redis_message_id"]
     raw = fleet.stored(QUEUE, rid)
 
@@ -760,9 +416,9 @@ def test_a_message_for_an_actor_only_the_producer_knows_is_dead_lettered(fleet: 
     recorder = Recorder()
     fleet.declare("known", record(recorder))
     fleet.producer.declare("ghost", record(recorder))
-    ghost = fleet.producer.send("ghost", args=(1,))
+    ghost = envelope(fleet.producer.send("ghost", args=(1,)))
     raw = fleet.stored(QUEUE, ghost["options"]["redis_message_id"])
-    known = fleet.producer.send("known", args=(2,))
+    known = envelope(fleet.producer.send("known", args=(2,)))
 
     fleet.consumer.start_worker()
     recorder.wait_for(lambda calls: len(calls) >= 1)
@@ -797,8 +453,10 @@ def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Flee
     )
     kwargs = {"z": "last", "a": {"nested": [1.5, "x"]}, "ü": 1}
     options = {"max_retries": 3, "time_limit": 60000}
-    plain = fleet.producer.send("payload", args=args, kwargs=kwargs, **options)
-    delayed = fleet.producer.send("payload", args=args, kwargs=kwargs, delay=100, **options)
+    plain = envelope(fleet.producer.send("payload", args=args, kwargs=kwargs, **options))
+    delayed = envelope(
+        fleet.producer.send("payload", args=args, kwargs=kwargs, delay=100, **options)
+    )
 
     for stored, queue_name in ((plain, QUEUE), (delayed, f"{QUEUE}.DQ")):
         rid = stored["options"]["redis_message_id"]
@@ -850,11 +508,13 @@ def test_a_mixed_fleet_shares_one_queue(mixed: Fleet) -> None:
     flaky: list[str] = []
     for side in mixed.sides:
         for i in range(20):
-            plain.append(side.send("echo", args=(side.label, i))["message_id"])
+            plain.append(envelope(side.send("echo", args=(side.label, i)))["message_id"])
         for i in range(2):
-            plain.append(side.send("echo", args=(side.label, i), delay=150)["message_id"])
+            plain.append(envelope(side.send("echo", args=(side.label, i), delay=150))["message_id"])
         for i in range(3):
-            flaky.append(side.send("flaky", args=(i,), max_retries=3, **FAST_RETRY)["message_id"])
+            flaky.append(
+                envelope(side.send("flaky", args=(i,), max_retries=3, **FAST_RETRY))["message_id"]
+            )
 
     expected = len(plain) + 2 * len(flaky)
     recorder.wait_for(lambda calls: len(calls) >= expected)
