@@ -14,46 +14,42 @@ queue arguments) and ``dramatiq==2.2.1`` (a test-only dependency).
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import json
 import subprocess
-import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import dramatiq
-import dramatiq.broker
-import dramatiq.middleware
 import pika
 import pika.exceptions
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker as DramatiqRabbitmqBroker
 
-import dq
-import dq.broker
-import dq.middleware
 from dq.brokers.rabbitmq import RabbitmqBroker as DqRabbitmqBroker
+from tests.support import interop
+from tests.support.interop import (
+    DIRECTIONS,
+    FAST_RETRY,
+    DqSide,
+    DramatiqSide,
+    Recorder,
+    Side,
+    always_fail,
+    directed,
+    envelope,
+    fail_first_attempt,
+    kept_global_brokers,
+    record,
+)
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbitmq]
 
 RABBIT_HOST = "127.0.0.1"
 RABBIT_PORT = 5672
-
-#: How long a test waits for messages to be processed before failing, in seconds.
-WAIT = 15.0
-
-#: Both workers' settings.
-WORKER_THREADS = 2
-WORKER_TIMEOUT = 100
-
-#: Retry options sent with the messages: the consuming side's Retries reads them
-#: (by key presence), so a retry waits 50-100 ms in the delay queue.
-FAST_RETRY: dict[str, Any] = {"min_backoff": 50, "max_backoff": 100}
 
 #: Dramatiq's default ``dramatiq_dead_message_ttl`` (7 days in ms), the XQ's message TTL.
 DEAD_MESSAGE_TTL = 604_800_000
@@ -75,27 +71,6 @@ PROPERTY_NAMES = (
     "app_id",
     "cluster_id",
 )
-
-Envelope = dict[str, Any]
-
-
-def now_ms() -> float:
-    return time.time() * 1000
-
-
-def envelope(encoded: bytes) -> Envelope:
-    """The seven fields of an encoded message, as plain JSON values."""
-    data = json.loads(encoded)
-    assert isinstance(data, dict)
-    return data
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- the server, seen without either library -----------------------------------------------
@@ -217,303 +192,6 @@ def queue_topology(*queue_names: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-# -- what the actors record ------------------------------------------------------------
-
-
-class Boom(Exception):
-    """What the failing actors raise."""
-
-
-@dataclass(frozen=True)
-class Call:
-    """One attempt of an actor, as seen from inside it."""
-
-    side: str
-    actor_name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    message: Envelope
-    started_ms: float
-
-
-class Recorder:
-    """Thread-safe list of calls, with a deadline-bounded wait."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._calls: list[Call] = []
-
-    def add(self, call: Call) -> None:
-        with self._cond:
-            self._calls.append(call)
-            self._cond.notify_all()
-
-    @property
-    def calls(self) -> list[Call]:
-        with self._cond:
-            return list(self._calls)
-
-    def wait_for(self, done: Callable[[list[Call]], bool], timeout: float = WAIT) -> list[Call]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not done(self._calls):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(
-                        f"timed out after {timeout}s; calls so far: {self._calls!r}"
-                    )
-                self._cond.wait(remaining)
-            return list(self._calls)
-
-
-Behaviour = Callable[[Call], None]
-
-
-def record(recorder: Recorder) -> Behaviour:
-    return recorder.add
-
-
-def fail_first_attempt(recorder: Recorder) -> Behaviour:
-    def run(call: Call) -> None:
-        recorder.add(call)
-        if "retries" not in call.message["options"]:
-            raise Boom("first attempt fails")
-
-    return run
-
-
-def always_fail(recorder: Recorder) -> Behaviour:
-    def run(call: Call) -> None:
-        recorder.add(call)
-        raise Boom("this one never succeeds")
-
-    return run
-
-
-# -- the two libraries behind one interface ----------------------------------------------
-
-
-class Side(abc.ABC):
-    """One library's broker (and, once started, worker) on the test's queue."""
-
-    label: str
-
-    def __init__(self, queue_name: str) -> None:
-        self.queue_name = queue_name
-
-    @abc.abstractmethod
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        """Declare an actor named ``actor_name`` on the queue that runs ``behaviour``."""
-
-    @abc.abstractmethod
-    def send(
-        self,
-        actor_name: str,
-        *,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-        delay: int | None = None,
-        **options: Any,
-    ) -> bytes:
-        """Enqueue through this library; return the encoded copy it published."""
-
-    @abc.abstractmethod
-    def current_message(self) -> Envelope:
-        """The fields of the message being processed (inside an actor)."""
-
-    @abc.abstractmethod
-    def decode(self, raw: bytes) -> Envelope:
-        """Decode with this library's ``Message.decode``; return the fields it read."""
-
-    @abc.abstractmethod
-    def reencode(self, raw: bytes) -> bytes:
-        """``Message.decode(raw).encode()`` with this library."""
-
-    @abc.abstractmethod
-    def message_counts(self) -> tuple[int, int, int]:
-        """``broker.get_queue_message_counts(queue)``: (re-)declares Q, Q.DQ and Q.XQ."""
-
-    @abc.abstractmethod
-    def start_worker(self, threads: int = WORKER_THREADS) -> None: ...
-
-    @abc.abstractmethod
-    def stop_worker(self) -> None: ...
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-    def _wrap(self, actor_name: str, behaviour: Behaviour) -> Callable[..., None]:
-        def fn(*args: Any, **kwargs: Any) -> None:
-            behaviour(
-                Call(
-                    side=self.label,
-                    actor_name=actor_name,
-                    args=list(args),
-                    kwargs=dict(kwargs),
-                    message=self.current_message(),
-                    started_ms=now_ms(),
-                )
-            )
-
-        fn.__name__ = actor_name
-        return fn
-
-
-class DqSide(Side):
-    label = "dq"
-
-    def __init__(self, queue_name: str, max_priority: int | None, confirm: bool) -> None:
-        super().__init__(queue_name)
-        self.broker = DqRabbitmqBroker(
-            host=RABBIT_HOST,
-            port=RABBIT_PORT,
-            max_priority=max_priority,
-            confirm_delivery=confirm,
-        )
-        self.broker.add_middleware(dq.middleware.CurrentMessage())
-        dq.set_broker(self.broker)
-        self.actors: dict[str, dq.Actor[..., None]] = {}
-        self.worker: dq.Worker | None = None
-        self.closed = False
-
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        fn = self._wrap(actor_name, behaviour)
-        self.actors[actor_name] = dq.actor(
-            actor_name=actor_name, queue_name=self.queue_name, broker=self.broker
-        )(fn)
-
-    def send(
-        self,
-        actor_name: str,
-        *,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-        delay: int | None = None,
-        **options: Any,
-    ) -> bytes:
-        stored = self.actors[actor_name].send_with_options(
-            args=args, kwargs=kwargs, delay=delay, **options
-        )
-        return stored.encode()
-
-    def current_message(self) -> Envelope:
-        message = dq.middleware.CurrentMessage.get_current_message()
-        assert message is not None
-        return envelope(message.encode())
-
-    def decode(self, raw: bytes) -> Envelope:
-        message = dq.Message.decode(raw)
-        return {
-            "queue_name": message.queue_name,
-            "actor_name": message.actor_name,
-            "args": json.loads(json.dumps(list(message.args))),
-            "kwargs": json.loads(json.dumps(dict(message.kwargs))),
-            "options": envelope(message.encode())["options"],
-            "message_id": message.message_id,
-            "message_timestamp": message.message_timestamp,
-        }
-
-    def reencode(self, raw: bytes) -> bytes:
-        return dq.Message.decode(raw).encode()
-
-    def message_counts(self) -> tuple[int, int, int]:
-        return self.broker.get_queue_message_counts(self.queue_name)
-
-    def start_worker(self, threads: int = WORKER_THREADS) -> None:
-        self.worker = dq.Worker(self.broker, worker_threads=threads, worker_timeout=WORKER_TIMEOUT)
-        self.worker.start()
-
-    def stop_worker(self) -> None:
-        if self.worker is not None:
-            worker, self.worker = self.worker, None
-            worker.stop()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.broker.close()
-
-
-class DramatiqSide(Side):
-    label = "dramatiq"
-
-    def __init__(self, queue_name: str, max_priority: int | None, confirm: bool) -> None:
-        super().__init__(queue_name)
-        self.broker = DramatiqRabbitmqBroker(
-            host=RABBIT_HOST,
-            port=RABBIT_PORT,
-            max_priority=max_priority,
-            confirm_delivery=confirm,
-        )
-        self.broker.add_middleware(dramatiq.middleware.CurrentMessage())
-        dramatiq.set_broker(self.broker)
-        self.actors: dict[str, dramatiq.Actor[..., None]] = {}
-        self.worker: dramatiq.Worker | None = None
-        self.closed = False
-
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        fn = self._wrap(actor_name, behaviour)
-        self.actors[actor_name] = dramatiq.actor(
-            actor_name=actor_name, queue_name=self.queue_name, broker=self.broker
-        )(fn)
-
-    def send(
-        self,
-        actor_name: str,
-        *,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-        delay: int | None = None,
-        **options: Any,
-    ) -> bytes:
-        stored = self.actors[actor_name].send_with_options(
-            args=args, kwargs=kwargs, delay=delay, **options
-        )
-        encoded: bytes = stored.encode()
-        return encoded
-
-    def current_message(self) -> Envelope:
-        message = dramatiq.middleware.CurrentMessage.get_current_message()
-        assert message is not None
-        return envelope(message.encode())
-
-    def decode(self, raw: bytes) -> Envelope:
-        message = dramatiq.Message.decode(raw)
-        return {
-            "queue_name": message.queue_name,
-            "actor_name": message.actor_name,
-            "args": json.loads(json.dumps(list(message.args))),
-            "kwargs": json.loads(json.dumps(message.kwargs)),
-            "options": json.loads(json.dumps(message.options)),
-            "message_id": message.message_id,
-            "message_timestamp": message.message_timestamp,
-        }
-
-    def reencode(self, raw: bytes) -> bytes:
-        encoded: bytes = dramatiq.Message.decode(raw).encode()
-        return encoded
-
-    def message_counts(self) -> tuple[int, int, int]:
-        ready, delayed, dead = self.broker.get_queue_message_counts(self.queue_name)
-        return int(ready), int(delayed), int(dead)
-
-    def start_worker(self, threads: int = WORKER_THREADS) -> None:
-        self.worker = dramatiq.Worker(
-            self.broker, worker_threads=threads, worker_timeout=WORKER_TIMEOUT
-        )
-        self.worker.start()
-
-    def stop_worker(self) -> None:
-        if self.worker is not None:
-            worker, self.worker = self.worker, None
-            worker.stop()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.broker.close()
-
-
 # -- fixtures ------------------------------------------------------------------------------
 
 
@@ -535,33 +213,12 @@ def queue(rabbit: Rabbit) -> Iterator[str]:
     rabbit.delete(name, f"{name}.DQ", f"{name}.XQ")
 
 
-def _restore_globals() -> Callable[[], None]:
-    dq_previous = dq.broker.global_broker
-    dq_floating = list(dq.broker._floating)
-    dramatiq_previous = dramatiq.broker.global_broker
-
-    def restore() -> None:
-        dq.broker.global_broker = dq_previous
-        dq.broker._floating[:] = dq_floating
-        dramatiq.broker.global_broker = dramatiq_previous
-
-    return restore
-
-
 @dataclass
-class Fleet:
+class Fleet(interop.Fleet):
     """Both libraries on one queue; ``producer`` sends and ``consumer`` works."""
 
     queue: str
     rabbit: Rabbit
-    dq: DqSide
-    dramatiq: DramatiqSide
-    producer: Side
-    consumer: Side
-
-    @property
-    def sides(self) -> tuple[Side, Side]:
-        return (self.dq, self.dramatiq)
 
     @property
     def delay_queue(self) -> str:
@@ -570,18 +227,6 @@ class Fleet:
     @property
     def dead_queue(self) -> str:
         return f"{self.queue}.XQ"
-
-    def declare(self, actor_name: str, behaviour: Behaviour) -> None:
-        """Declare the same actor (name and queue) on both sides."""
-        for side in self.sides:
-            side.declare(actor_name, behaviour)
-
-    def shutdown(self) -> None:
-        """Stop both workers, then close both brokers (idempotent)."""
-        for side in self.sides:
-            side.stop_worker()
-        for side in self.sides:
-            side.close()
 
     def ready(self) -> tuple[int, int, int]:
         """Ready messages on Q, Q.DQ and Q.XQ."""
@@ -597,9 +242,6 @@ class Fleet:
         assert self.ready() == (0, 0, 0)
 
 
-DIRECTIONS = ["dramatiq-to-dq", "dq-to-dramatiq"]
-
-
 @contextlib.contextmanager
 def make_fleet(
     queue: str,
@@ -610,21 +252,28 @@ def make_fleet(
     confirm: bool = False,
 ) -> Iterator[Fleet]:
     """Both libraries' brokers on ``queue``; both workers stopped and brokers closed after."""
-    restore = _restore_globals()
-    dq_side = DqSide(queue, max_priority, confirm)
-    dramatiq_side = DramatiqSide(queue, max_priority, confirm)
-    producer: Side
-    consumer: Side
-    if direction == "dramatiq-to-dq":
-        producer, consumer = dramatiq_side, dq_side
-    else:
-        producer, consumer = dq_side, dramatiq_side
-    fleet = Fleet(queue, rabbit, dq_side, dramatiq_side, producer, consumer)
-    try:
-        yield fleet
-    finally:
-        fleet.shutdown()
-        restore()
+    with kept_global_brokers():
+        settings: dict[str, Any] = {
+            "host": RABBIT_HOST,
+            "port": RABBIT_PORT,
+            "max_priority": max_priority,
+            "confirm_delivery": confirm,
+        }
+        dq_side = DqSide(DqRabbitmqBroker(**settings), queue)
+        dramatiq_side = DramatiqSide(DramatiqRabbitmqBroker(**settings), queue)
+        producer, consumer = directed(direction, dq_side, dramatiq_side)
+        fleet = Fleet(dq_side, dramatiq_side, producer, consumer, queue, rabbit)
+        try:
+            yield fleet
+        finally:
+            fleet.shutdown()
+
+
+def message_counts(side: Side[Any]) -> tuple[int, int, int]:
+    """``broker.get_queue_message_counts(queue)`` of ``side``: (re-)declares Q, Q.DQ and
+    Q.XQ."""
+    ready, delayed, dead = side.broker.get_queue_message_counts(side.queue_name)
+    return int(ready), int(delayed), int(dead)
 
 
 @pytest.fixture(params=DIRECTIONS)
@@ -873,7 +522,7 @@ def test_a_message_for_an_actor_only_the_producer_knows_is_dead_lettered(fleet: 
 def test_an_undecodable_body_is_dead_lettered_by_either_consumer(fleet: Fleet) -> None:
     recorder = Recorder()
     fleet.declare("echo", record(recorder))
-    assert fleet.producer.message_counts() == (0, 0, 0)  # declares the queues
+    assert message_counts(fleet.producer) == (0, 0, 0)  # declares the queues
     publisher = fleet.rabbit.connection.channel()
     publisher.basic_publish("", fleet.queue, b"{not json", pika.BasicProperties(delivery_mode=2))
     publisher.close()
@@ -1067,14 +716,14 @@ def test_queues_declared_by_one_library_are_redeclared_by_the_other(
             queue, max_priority
         )
 
-        assert other.message_counts() == (1, 0, 0)
+        assert message_counts(other) == (1, 0, 0)
         other.start_worker()
         (call,) = recorder.wait_for(lambda calls: len(calls) >= 1)
         assert call.side == other.label
         assert call.message == envelope(raw)
         other.send("echo", args=(2,), delay=10)
         recorder.wait_for(lambda calls: len(calls) >= 2)
-        assert one.message_counts() == (0, 0, 0)
+        assert message_counts(one) == (0, 0, 0)
         fleet.assert_nothing_left()
         assert queue_topology(queue, f"{queue}.DQ", f"{queue}.XQ") == expected_topology(
             queue, max_priority
