@@ -1,11 +1,14 @@
 """Helpers for tests on the real RabbitMQ (127.0.0.1:5672, guest/guest): private queue
-names, a broker factory that remembers what it declared, and cleanup."""
+names, a broker factory that remembers what it declared, cleanup, a plain pika view of
+the queues (`Rabbit`) and ``rabbitmqctl``."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -16,6 +19,24 @@ from dq.brokers.rabbitmq import RabbitmqBroker
 from dq.core import policy
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+#: The AMQP basic properties, as pika names them.
+PROPERTY_NAMES = (
+    "content_type",
+    "content_encoding",
+    "headers",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+    "cluster_id",
+)
 
 
 def new_prefix(prefix: str = "dq-test") -> str:
@@ -96,6 +117,88 @@ class BrokerFactory:
         delete_queues(names)
 
 
+@dataclass(frozen=True)
+class Got:
+    """One message taken from a queue with ``basic.get``."""
+
+    body: bytes
+    properties: dict[str, Any]
+    redelivered: bool
+
+
+class Rabbit:
+    """A plain pika connection to look at queues (and delete them); no dq, no Dramatiq."""
+
+    def __init__(self) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def counts(self, queue_name: str) -> tuple[int, int]:
+        """Ready messages and consumers of an existing queue (a passive declare)."""
+        channel = self.connection.channel()
+        try:
+            ok = channel.queue_declare(queue_name, passive=True)
+            method = ok.method
+            assert isinstance(method, pika.spec.Queue.DeclareOk)
+            return int(method.message_count), int(method.consumer_count)
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def ready(self, queue_name: str) -> int:
+        return self.counts(queue_name)[0]
+
+    def consumers(self, queue_name: str) -> int:
+        return self.counts(queue_name)[1]
+
+    def exists(self, queue_name: str) -> bool:
+        try:
+            self.counts(queue_name)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            assert error.reply_code == 404, error
+            return False
+        return True
+
+    def get_all(self, queue_name: str) -> list[Got]:
+        """Take every ready message off ``queue_name`` (acked: they are gone)."""
+        channel = self.connection.channel()
+        got: list[Got] = []
+        try:
+            while True:
+                method, properties, body = channel.basic_get(queue_name, auto_ack=True)
+                if method is None:
+                    return got
+                assert properties is not None and body is not None
+                got.append(
+                    Got(
+                        body=bytes(body),
+                        properties={n: getattr(properties, n) for n in PROPERTY_NAMES},
+                        redelivered=bool(method.redelivered),
+                    )
+                )
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def declare(self, queue_name: str, arguments: dict[str, Any]) -> None:
+        """Declare as the libraries do (durable, not exclusive, not auto-delete)."""
+        channel = self.connection.channel()
+        try:
+            channel.queue_declare(queue_name, durable=True, arguments=arguments)
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    def delete(self, *queue_names: str) -> None:
+        channel = self.connection.channel()
+        for name in queue_names:
+            channel.queue_delete(name)
+        channel.close()
+
+
 @pytest.fixture
 def broker_factory() -> Iterator[BrokerFactory]:
     """A `BrokerFactory`; every queue its brokers declared is deleted afterwards."""
@@ -128,18 +231,18 @@ def _client_name(connection: Any) -> str:
     return f"{host}:{port} -> 127.0.0.1:5672"
 
 
-def _rabbitmqctl(*args: str) -> str:
-    """What ``rabbitmqctl -q ARGS`` prints (it must succeed)."""
-    import subprocess
-
-    done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True)
+def rabbitmqctl(*args: str) -> str:
+    """What ``rabbitmqctl -q ARGS`` prints (it must succeed within 30 s)."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=30
+    )
     return done.stdout
 
 
 def confirm_modes(connection: Any) -> list[bool]:
     """Whether each open channel of ``connection`` is in publisher-confirm mode, as the
     server sees it (``rabbitmqctl list_channels``)."""
-    listing = _rabbitmqctl("list_channels", "name", "confirm")
+    listing = rabbitmqctl("list_channels", "name", "confirm")
     name = _client_name(connection)
     return [line.split("\t")[1] == "true" for line in listing.splitlines() if line.startswith(name)]
 
@@ -148,7 +251,7 @@ def close_server_side(connection: Any) -> None:
     """Have RabbitMQ close ``connection`` (a pika BlockingConnection) from its side, as an
     operator's ``rabbitmqctl close_connection`` does."""
     name = _client_name(connection)
-    listing = _rabbitmqctl("list_connections", "pid", "name")
+    listing = rabbitmqctl("list_connections", "pid", "name")
     pids = [line.split("\t")[0] for line in listing.splitlines() if line.endswith(name)]
     assert len(pids) == 1, (name, listing)
-    _rabbitmqctl("close_connection", pids[0], "dq test")
+    rabbitmqctl("close_connection", pids[0], "dq test")

@@ -17,13 +17,10 @@ Every test uses its own queue ``crash_<hex>`` and deletes it, its ``.DQ`` and it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import random
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -31,36 +28,29 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pika
-import pika.exceptions
 import pytest
 
 import dq
 import dq.worker
 from dq.brokers.rabbitmq import RabbitmqBroker
 from tests.brokers.rabbitmq.rabbitmq_crash_worker import (
-    RABBIT_HOST,
-    RABBIT_PORT,
     FirstAttemptFails,
     RunLog,
     declare_flaky,
     declare_record,
     make_broker,
 )
+from tests.support import processes
+from tests.support.processes import Child, Outcome
+from tests.support.rabbitmq_helpers import Rabbit, rabbitmqctl
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbitmq]
 
 WORKER_SCRIPT = Path(__file__).with_name("rabbitmq_crash_worker.py")
-
-
-def rabbitmqctl(*args: str) -> str:
-    return subprocess.run(
-        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=30
-    ).stdout
 
 
 # -- the server, seen without dq -------------------------------------------------------------
@@ -127,43 +117,7 @@ def close_connections_named(name: str) -> int:
     return closed
 
 
-class Rabbit:
-    """A plain pika connection to look at and delete queues."""
-
-    def __init__(self) -> None:
-        self.connection = pika.BlockingConnection(
-            pika.ConnectionParameters(host=RABBIT_HOST, port=RABBIT_PORT)
-        )
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
-
-    def consumers(self, queue_name: str) -> int:
-        channel = self.connection.channel()
-        try:
-            method = channel.queue_declare(queue_name, passive=True).method
-            assert isinstance(method, pika.spec.Queue.DeclareOk)
-            return int(method.consumer_count)
-        finally:
-            if channel.is_open:
-                channel.close()
-
-    def delete(self, *queue_names: str) -> None:
-        channel = self.connection.channel()
-        for name in queue_names:
-            channel.queue_delete(name)
-        channel.close()
-
-
 # -- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def rabbit() -> Iterator[Rabbit]:
-    rabbit = Rabbit()
-    yield rabbit
-    rabbit.close()
 
 
 @pytest.fixture
@@ -185,46 +139,15 @@ def runs(tmp_path: Path) -> RunLog:
 
 
 @dataclass
-class Child:
-    """A tests/brokers/rabbitmq/rabbitmq_crash_worker.py process."""
-
-    process: subprocess.Popen[str]
-    log: Path
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-@dataclass
-class Cleanup:
+class Cleanup(processes.Cleanup[RabbitmqBroker]):
     """What a test started, stopped in reverse order in teardown."""
-
-    workers: list[dq.Worker] = field(default_factory=list)
-    brokers: list[RabbitmqBroker] = field(default_factory=list)
-    children: list[Child] = field(default_factory=list)
 
     def broker(self, connection_name: str) -> RabbitmqBroker:
         broker = make_broker(connection_name)
         self.brokers.append(broker)
         return broker
 
-    def worker(self, broker: RabbitmqBroker, *, threads: int = 8) -> dq.Worker:
-        worker = dq.Worker(broker, worker_threads=threads, worker_timeout=100)
-        self.workers.append(worker)
-        worker.start()
-        return worker
-
-    def spawn(self, queue: str, runs: RunLog, connection_name: str, log: Path, *args: str) -> Child:
+    def start(self, queue: str, runs: RunLog, connection_name: str, log: Path, *args: str) -> Child:
         """Start the worker script and wait for its JSON line."""
         command = [
             sys.executable,
@@ -237,36 +160,9 @@ class Cleanup:
             connection_name,
             *args,
         ]
-        env = dict(os.environ, dramatiq_restart_delay="100", PYTHONUNBUFFERED="1")
-        with log.open("ab") as stderr:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                env=env,
-            )
-        child = Child(process, log)
-        self.children.append(child)
-        assert process.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            if not selector.select(20):
-                raise AssertionError(f"the worker printed nothing:\n{child.log_text()}")
-        line = process.stdout.readline()
-        if not line:
-            raise AssertionError(f"the worker exited ({process.wait()}):\n{child.log_text()}")
-        assert json.loads(line)["pid"] == process.pid
+        child = self.spawn(command, log)
+        assert child.info["pid"] == child.process.pid
         return child
-
-    def close(self) -> None:
-        for child in reversed(self.children):
-            child.kill()
-        for worker in reversed(self.workers):
-            worker.stop(timeout=2000)
-        for broker in reversed(self.brokers):
-            broker.close()
 
 
 @pytest.fixture
@@ -276,22 +172,7 @@ def cleanup() -> Iterator[Cleanup]:
     started.close()
 
 
-@pytest.fixture
-def fast_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Worker that lost its connection retries after 0.1 s instead of 3 s / 5 s."""
-    monkeypatch.setattr(dq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.1)
-    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
-
-
 # -- checking ------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    processed: int
-    runs: int
-    duplicates: int
-    settled_after: float
 
 
 def assert_all_processed(
@@ -306,25 +187,19 @@ def assert_all_processed(
             return False
         return all(c == QueueCounts(0, 0) for c in queue_counts(*names).values())
 
-    began = time.monotonic()
-    with contextlib.suppress(AssertionError):  # the asserts below say what is wrong
-        wait_until(settled, label, timeout, interval=0.2)
-    settled_after = time.monotonic() - began
-    final = runs.counts()
-    left = {n: c for n, c in queue_counts(*names).items() if c != QueueCounts(0, 0)}
-    missing = expected - final.keys()
-    unexpected = final.keys() - expected
-    total = sum(final.values())
-    duplicates = total - len(final)
-    figures = (
-        f"[{label}] {len(final)}/{len(expected)} processed, {total} runs, "
-        f"{duplicates} duplicates, settled after {settled_after:.2f} s; left on the server: {left}"
+    def left() -> dict[str, QueueCounts]:
+        return {n: c for n, c in queue_counts(*names).items() if c != QueueCounts(0, 0)}
+
+    return processes.assert_all_processed(
+        expected,
+        runs.counts,
+        settled=settled,
+        leftovers=left,
+        timeout=timeout,
+        interval=0.2,
+        label=label,
+        left_means="messages left on the server",
     )
-    print(figures)
-    assert not missing, f"{len(missing)} messages never processed (lost or stuck): {figures}"
-    assert not unexpected, f"{len(unexpected)} unknown messages ran: {figures}"
-    assert not left, f"messages left on the server: {figures}"
-    return Outcome(len(final), total, duplicates, settled_after)
 
 
 def send_batch(
@@ -433,7 +308,7 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_restarted_one(
     expected = send_batch(producer, record, n, n_delayed)
     names = (queue, f"{queue}.DQ")
 
-    child = cleanup.spawn(
+    child = cleanup.start(
         queue, runs, connection_name, tmp_path / "worker-1.log", "--threads", "8", "--sleep-ms", "5"
     )
     wait_until(lambda: runs.processed() >= n // 3, "a third processed", 30, interval=0.05)
@@ -460,7 +335,7 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_restarted_one(
     handed_back = time.monotonic() - killed
     assert all(c.unacked == 0 for c in queue_counts(*names).values())
 
-    restarted = cleanup.spawn(
+    restarted = cleanup.start(
         queue, runs, connection_name, tmp_path / "worker-2.log", "--threads", "8", "--sleep-ms", "5"
     )
     outcome = assert_all_processed(queue, expected, runs, timeout=60, label="worker sigkill")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ from tests.support.interop import (
     kept_global_brokers,
     record,
 )
+from tests.support.rabbitmq_helpers import PROPERTY_NAMES, Rabbit, rabbitmqctl
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbitmq]
@@ -54,129 +54,22 @@ RABBIT_PORT = 5672
 #: Dramatiq's default ``dramatiq_dead_message_ttl`` (7 days in ms), the XQ's message TTL.
 DEAD_MESSAGE_TTL = 604_800_000
 
-#: The AMQP basic properties, as pika names them.
-PROPERTY_NAMES = (
-    "content_type",
-    "content_encoding",
-    "headers",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "type",
-    "user_id",
-    "app_id",
-    "cluster_id",
-)
-
 
 # -- the server, seen without either library -----------------------------------------------
 
 
-@dataclass(frozen=True)
-class Got:
-    """One message taken from a queue with ``basic.get``."""
-
-    body: bytes
-    properties: dict[str, Any]
-    redelivered: bool
-
-
-class Rabbit:
-    """A plain pika connection to look at queues (and delete them); no dq, no Dramatiq."""
-
-    def __init__(self) -> None:
-        self.connection = pika.BlockingConnection(
-            pika.ConnectionParameters(host=RABBIT_HOST, port=RABBIT_PORT)
-        )
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
-
-    def counts(self, queue_name: str) -> tuple[int, int]:
-        """Ready messages and consumers of an existing queue (a passive declare)."""
-        channel = self.connection.channel()
-        try:
-            ok = channel.queue_declare(queue_name, passive=True)
-            method = ok.method
-            assert isinstance(method, pika.spec.Queue.DeclareOk)
-            return int(method.message_count), int(method.consumer_count)
-        finally:
-            if channel.is_open:
-                channel.close()
-
-    def ready(self, queue_name: str) -> int:
-        return self.counts(queue_name)[0]
-
-    def exists(self, queue_name: str) -> bool:
-        try:
-            self.counts(queue_name)
-        except pika.exceptions.ChannelClosedByBroker as error:
-            assert error.reply_code == 404, error
-            return False
-        return True
-
-    def get_all(self, queue_name: str) -> list[Got]:
-        """Take every ready message off ``queue_name`` (acked: they are gone)."""
-        channel = self.connection.channel()
-        got: list[Got] = []
-        try:
-            while True:
-                method, properties, body = channel.basic_get(queue_name, auto_ack=True)
-                if method is None:
-                    return got
-                assert properties is not None and body is not None
-                got.append(
-                    Got(
-                        body=bytes(body),
-                        properties={n: getattr(properties, n) for n in PROPERTY_NAMES},
-                        redelivered=bool(method.redelivered),
-                    )
-                )
-        finally:
-            if channel.is_open:
-                channel.close()
-
-    def declare(self, queue_name: str, arguments: dict[str, Any]) -> None:
-        """Declare as the libraries do (durable, not exclusive, not auto-delete)."""
-        channel = self.connection.channel()
-        try:
-            channel.queue_declare(queue_name, durable=True, arguments=arguments)
-        finally:
-            if channel.is_open:
-                channel.close()
-
-    def delete(self, *queue_names: str) -> None:
-        channel = self.connection.channel()
-        for name in queue_names:
-            channel.queue_delete(name)
-        channel.close()
-
-
 def queue_topology(*queue_names: str) -> dict[str, dict[str, Any]]:
     """How the server describes each queue (flags and typed arguments), via rabbitmqctl."""
-    out = subprocess.run(
-        [
-            "rabbitmqctl",
-            "-q",
-            "list_queues",
-            "name",
-            "durable",
-            "auto_delete",
-            "exclusive",
-            "arguments",
-            "--formatter",
-            "json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout
+    out = rabbitmqctl(
+        "list_queues",
+        "name",
+        "durable",
+        "auto_delete",
+        "exclusive",
+        "arguments",
+        "--formatter",
+        "json",
+    )
     rows = json.loads(out)
     assert isinstance(rows, list)
     wanted = set(queue_names)
@@ -193,16 +86,6 @@ def queue_topology(*queue_names: str) -> dict[str, dict[str, Any]]:
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def rabbit() -> Iterator[Rabbit]:
-    try:
-        rabbit = Rabbit()
-    except pika.exceptions.AMQPConnectionError as error:  # pragma: no cover - environment
-        pytest.fail(f"the interop tests need RabbitMQ on {RABBIT_HOST}:{RABBIT_PORT}: {error}")
-    yield rabbit
-    rabbit.close()
 
 
 @pytest.fixture

@@ -14,10 +14,7 @@ Worker in a subprocess that the test (or its own actor) SIGKILLs.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -25,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -44,6 +41,8 @@ from tests.brokers.redis.redis_crash_worker import (
     poison_runs_key,
     processed_key,
 )
+from tests.support import processes
+from tests.support.processes import Child, Outcome
 from tests.support.redis_server import RedisServer, keys_under, leftover_keys
 from tests.support.waiting import wait_until
 
@@ -87,12 +86,8 @@ def aof_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @dataclass
-class Cleanup:
+class Cleanup(processes.Cleanup[RedisBroker]):
     """What a test started, stopped in reverse order in teardown."""
-
-    workers: list[dq.Worker] = field(default_factory=list)
-    brokers: list[RedisBroker] = field(default_factory=list)
-    children: list[Child] = field(default_factory=list)
 
     def broker(self, server: RedisServer, namespace: str, **kwargs: Any) -> RedisBroker:
         kwargs.setdefault("heartbeat_timeout", HEARTBEAT_TIMEOUT)
@@ -100,20 +95,6 @@ class Cleanup:
         broker = make_broker(server.url, namespace, **kwargs)
         self.brokers.append(broker)
         return broker
-
-    def worker(self, broker: RedisBroker, *, threads: int = 8) -> dq.Worker:
-        worker = dq.Worker(broker, worker_threads=threads, worker_timeout=100)
-        self.workers.append(worker)
-        worker.start()
-        return worker
-
-    def close(self) -> None:
-        for child in self.children:
-            child.kill()
-        for worker in self.workers:
-            worker.stop(timeout=2000)
-        for broker in self.brokers:
-            broker.close()
 
 
 @pytest.fixture
@@ -123,45 +104,7 @@ def cleanup() -> Iterator[Cleanup]:
     started.close()
 
 
-@pytest.fixture
-def fast_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Worker that lost its connection retries after 0.1 s instead of 3 s / 5 s."""
-    monkeypatch.setattr(dq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.1)
-    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
-
-
 # -- subprocesses -----------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    """A tests/brokers/redis/redis_crash_worker.py process and the JSON line it printed."""
-
-    process: subprocess.Popen[str]
-    info: dict[str, Any]
-    log: Path
-
-    @property
-    def broker_id(self) -> str:
-        broker_id: str = self.info["broker_id"]
-        return broker_id
-
-    def sigkill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 def spawn(
@@ -175,7 +118,6 @@ def spawn(
     env: Mapping[str, str] | None = None,
 ) -> Child:
     """Start the worker script and wait for its JSON line."""
-    env = dict(os.environ, dramatiq_restart_delay="100", PYTHONUNBUFFERED="1", **(env or {}))
     command = [
         sys.executable,
         str(WORKER_SCRIPT),
@@ -190,27 +132,7 @@ def spawn(
         str(REQUEUE_INTERVAL),
         *args,
     ]
-    with log.open("ab") as stderr:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env=env,
-        )
-    child = Child(process, {}, log)
-    cleanup.children.append(child)
-    assert process.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(ready_timeout):
-            raise AssertionError(f"{mode} child printed nothing:\n{child.log_text()}")
-    line = process.stdout.readline()
-    if not line:
-        raise AssertionError(f"{mode} child exited ({process.wait()}):\n{child.log_text()}")
-    child.info = json.loads(line)
-    return child
+    return cleanup.spawn(command, log, what=f"{mode} child", ready_timeout=ready_timeout, env=env)
 
 
 # -- recording and checking ---------------------------------------------------------------
@@ -273,14 +195,6 @@ def describe(client: redis.Redis, namespace: str) -> dict[str, str]:
     return out
 
 
-@dataclass
-class Outcome:
-    processed: int
-    runs: int
-    duplicates: int
-    settled_after: float
-
-
 def assert_all_processed(
     client: redis.Redis,
     namespace: str,
@@ -299,25 +213,16 @@ def assert_all_processed(
         except redis.RedisError:
             return False
 
-    began = time.monotonic()
-    with contextlib.suppress(AssertionError):
-        wait_until(done, label, timeout, interval=0.05)
-    settled_after = time.monotonic() - began
-    final = dict(counts())
-    missing = expected - final.keys()
-    unexpected = final.keys() - expected
-    runs = sum(final.values())
-    duplicates = runs - len(final)
-    leftovers = describe(client, namespace)
-    figures = (
-        f"[{label}] {len(final)}/{len(expected)} processed, {runs} runs, "
-        f"{duplicates} duplicates, settled after {settled_after:.2f} s; leftovers: {leftovers}"
+    return processes.assert_all_processed(
+        expected,
+        counts,
+        settled=done,
+        leftovers=lambda: describe(client, namespace),
+        timeout=timeout,
+        interval=0.05,
+        label=label,
+        left_means="keys left behind (stuck messages)",
     )
-    print(figures)
-    assert not missing, f"{len(missing)} messages never processed (lost or stuck): {figures}"
-    assert not unexpected, f"{len(unexpected)} unknown messages ran: {figures}"
-    assert not leftovers, f"keys left behind (stuck messages): {figures}"
-    return Outcome(len(final), runs, duplicates, settled_after)
 
 
 def ack_set_keys(client: redis.Redis, namespace: str, broker_id: str) -> list[str]:

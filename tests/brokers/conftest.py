@@ -1,0 +1,14 @@
+"""Fixtures shared by the broker tests of every server."""
+
+from __future__ import annotations
+
+import pytest
+
+import dq.worker
+
+
+@pytest.fixture
+def fast_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Worker that lost its connection retries after 0.1 s instead of 3 s / 5 s."""
+    monkeypatch.setattr(dq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.1)
+    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
