@@ -4,7 +4,6 @@ recovery expires them."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
@@ -15,21 +14,16 @@ import pytest
 from dq.broker import Broker, Consumer
 from dq.brokers.sqlite import SqliteBroker
 from dq.testing import Crashes, conformance_test
+from tests.support.sqlite_helpers import remove_database
 
 _files: list[str] = []
-
-
-def _remove_database(path: str) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + suffix)
 
 
 def _broker() -> Broker:
     # Each example gets its own file; the previous examples' files are removed here
     # (their brokers are closed by then) and the last one by the module fixture.
     while _files:
-        _remove_database(_files.pop())
+        remove_database(_files.pop())
     fd, path = tempfile.mkstemp(prefix="dq-conformance-", suffix=".sqlite3")
     os.close(fd)
     _files.append(path)
@@ -102,4 +96,4 @@ TestSqliteBrokerConformance = conformance_test(
 def _clean_files() -> Iterator[None]:
     yield
     while _files:
-        _remove_database(_files.pop())
+        remove_database(_files.pop())

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,11 @@ from dq.errors import BrokerConnectionError, QueueJoinTimeout, QueueNotFound
 from dq.message import Message
 from dq.middleware import Retries
 from tests.support.global_broker import kept_global_broker
+from tests.support.sqlite_helpers import select_rows
 from tests.support.waiting import wait_until
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parents[2]
-
-
-def _remove_database(path: str) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + suffix)
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -56,14 +51,6 @@ def _take(consumer: Any, count: int) -> list[MessageProxy]:
     for _ in range(count):
         taken.append(next(consumer))
     return taken
-
-
-def _rows(path: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-    conn = sqlite3.connect(path, timeout=10)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 # -- enqueue, consume, settle --------------------------------------------------------------------
@@ -220,7 +207,7 @@ def test_a_delayed_message_waits_on_the_delay_queue_and_promotes(broker: SqliteB
     promoted = delayed.promote(held)  # type: ignore[attr-defined]  # the SQLite consumer's
     assert promoted.queue_name == "q"
     assert "eta" not in promoted.options
-    assert _rows(broker.path, "SELECT queue FROM dq_messages") == [("q",)]
+    assert select_rows(broker.path, "SELECT queue FROM dq_messages") == [("q",)]
     got = next(ready)
     assert got.message_id == stored.message_id
     ready.ack(got)
@@ -362,7 +349,7 @@ def test_replace_stores_the_retry_and_acks_the_original(broker: SqliteBroker) ->
     retry = m.message.copy(options={"retries": 1})
     stored = consumer.replace(m, retry, 50_000)
     assert stored.queue_name == "q.DQ"
-    rows = _rows(broker.path, "SELECT queue, message_id, consumer FROM dq_messages")
+    rows = select_rows(broker.path, "SELECT queue, message_id, consumer FROM dq_messages")
     assert rows == [("q.DQ", m.message_id, None)]
     consumer.close()
 
@@ -379,11 +366,11 @@ def test_replace_is_atomic(broker: SqliteBroker) -> None:
     )
     with pytest.raises(DatabaseUnavailable, match="injected"):
         consumer.replace(m, m.message, 1000)
-    rows = _rows(broker.path, "SELECT queue, consumer FROM dq_messages")
+    rows = select_rows(broker.path, "SELECT queue, consumer FROM dq_messages")
     assert rows == [("q", consumer.consumer_id)]
     broker._connection().execute("DROP TRIGGER fail_retry")
     consumer.replace(m, m.message, 1000)
-    assert _rows(broker.path, "SELECT queue, consumer FROM dq_messages") == [("q.DQ", None)]
+    assert select_rows(broker.path, "SELECT queue, consumer FROM dq_messages") == [("q.DQ", None)]
     consumer.close()
 
 
@@ -671,7 +658,7 @@ def test_four_processes_of_eight_threads_run_each_message_exactly_once(app_env: 
         elapsed = time.monotonic() - started
     finally:
         _stop_cli(process, log)
-    assert _rows(path, "SELECT count(*) FROM dq_messages") == [(0,)]  # a clean stop
+    assert select_rows(path, "SELECT count(*) FROM dq_messages") == [(0,)]  # a clean stop
     runs = count_runs(path)
     assert len(runs) == count
     assert set(runs.values()) == {1}, {n: r for n, r in runs.items() if r != 1}
@@ -693,7 +680,9 @@ def test_a_killed_worker_process_loses_nothing(app_env: str) -> None:
         wait_until(lambda: len(count_runs(path)) >= 300, "the first runs", 30, interval=0.1)
     finally:
         _stop_cli(process, log, signal.SIGKILL)  # mid-batch: its reservations are orphaned
-    in_flight = _rows(path, "SELECT count(*) FROM dq_messages WHERE consumer IS NOT NULL")[0][0]
+    in_flight = select_rows(path, "SELECT count(*) FROM dq_messages WHERE consumer IS NOT NULL")[0][
+        0
+    ]
     assert in_flight > 0
     process, log = _start_cli(path, processes=1, threads=8, lease=lease, sleep=0)
     try:

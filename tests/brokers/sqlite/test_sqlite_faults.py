@@ -13,7 +13,6 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -31,18 +30,11 @@ from dq.brokers.steps import Cannot, ServerStep, uncovered
 from dq.core import DeathReason, policy
 from dq.errors import BrokerConnectionError, QueueNotFound
 from dq.message import Message
+from tests.support.sqlite_helpers import select_rows
 
 
 def _message(n: int, queue: str = "q") -> Message[Any]:
     return Message(queue, "act", (n,), {}, {})
-
-
-def _rows(path: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-    conn = sqlite3.connect(path, timeout=10)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def _insert_raw(path: str, **columns: Any) -> None:
@@ -126,11 +118,11 @@ def test_a_version_1_file_is_migrated_in_place_and_keeps_its_messages(
     waiting, dead = _version_1_file(path)
     broker = SqliteBroker(path, middleware=[], poll_interval=10)
     brokers.append(broker)
-    assert _rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert select_rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert SCHEMA_VERSION == 2
-    columns = {row[1] for row in _rows(path, "PRAGMA table_info(dq_messages)")}
+    columns = {row[1] for row in select_rows(path, "PRAGMA table_info(dq_messages)")}
     assert {"deliveries", "run"} <= columns
-    assert "reason" in {row[1] for row in _rows(path, "PRAGMA table_info(dq_dead)")}
+    assert "reason" in {row[1] for row in select_rows(path, "PRAGMA table_info(dq_dead)")}
     assert broker.qsize("q") == 3
     assert broker.dead_letter_reasons_of("q") == [(dead.message_id, DeathReason.NACKED)]
     assert [mid for mid, _, _ in broker.dead_letters_of("q")] == [dead.message_id]
@@ -293,7 +285,7 @@ def test_a_lease_renewed_behind_a_lock_longer_than_the_lease_does_not_lapse(
     locker.join()
     for tick in ticks:
         tick.join()
-    rows = _rows(path, "SELECT consumer, lease_until FROM dq_messages")
+    rows = select_rows(path, "SELECT consumer, lease_until FROM dq_messages")
     assert len(rows) == count  # nothing was copied back to the queue: no duplicate
     assert {holder_id for holder_id, _ in rows} == {consumer.consumer_id}
     assert min(until for _, until in rows) >= released[0] + lease  # granted after the lock
@@ -328,7 +320,7 @@ def test_a_reservation_behind_a_lock_gets_a_whole_lease(
     locker.join()
     fetch.join()
     assert len(reserved) == 1
-    ((until,),) = _rows(path, "SELECT lease_until FROM dq_messages")
+    ((until,),) = select_rows(path, "SELECT lease_until FROM dq_messages")
     assert until >= released[0] + lease
 
 
@@ -379,7 +371,7 @@ def test_a_bad_queue_name_is_refused_with_the_core_reason(broker: SqliteBroker, 
         broker.enqueue_many([_message(1), _message(2, queue=name)])
     with pytest.raises(ValueError, match="invalid queue name"):
         broker.consume(name)
-    assert _rows(broker.path, "SELECT count(*) FROM dq_messages") == [(0,)]
+    assert select_rows(broker.path, "SELECT count(*) FROM dq_messages") == [(0,)]
     assert name not in broker.get_declared_queues()
 
 
