@@ -238,6 +238,50 @@ def heartbeat_ms(client: redis.Redis, namespace: str, broker_id: str) -> float |
     return score
 
 
+def spawn_poison_worker(
+    cleanup: Cleanup,
+    server: RedisServer,
+    namespace: str,
+    log: Path,
+    *,
+    threads: int,
+    poison_ms: int,
+    max_deliveries: int,
+    innocent_ms: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Child:
+    """A ``work`` child with the poison actors declared (the poison SIGKILLs its process
+    after ``poison_ms``; ``innocent`` runs ``innocent_ms``)."""
+    innocent = ("--innocent-ms", str(innocent_ms)) if innocent_ms is not None else ()
+    return spawn(
+        cleanup,
+        server,
+        namespace,
+        "work",
+        log,
+        "--threads",
+        str(threads),
+        "--poison",
+        str(poison_ms),
+        *innocent,
+        "--max-deliveries",
+        str(max_deliveries),
+        env=env,
+    )
+
+
+def wait_recovered(
+    parent: RedisBroker, client: redis.Redis, namespace: str, dead: str, what: str
+) -> None:
+    """Recover from ``parent`` (by hand) until the dead worker ``dead`` holds nothing."""
+
+    def recovered() -> bool:
+        parent.recover()
+        return not ack_set_keys(client, namespace, dead)
+
+    wait_until(recovered, what, HEARTBEAT_TIMEOUT + 5000, interval=0.1)
+
+
 # -- 1. a consumer dies between fetch and ack ------------------------------------------------
 
 
@@ -615,18 +659,14 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
     for attempt in range(max_deliveries + 2):
         if client.zscore(xq, poison_rid) is not None:
             break
-        child = spawn(
+        child = spawn_poison_worker(
             cleanup,
             redis_server,
             namespace,
-            "work",
             tmp_path / f"worker-{attempt}.log",
-            "--threads",
-            "1",
-            "--poison",
-            "0",
-            "--max-deliveries",
-            str(max_deliveries),
+            threads=1,
+            poison_ms=0,
+            max_deliveries=max_deliveries,
         )
         try:
             code = child.process.wait(10)
@@ -640,16 +680,7 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
         # Recover it from this process once the dead worker's heartbeat has expired.
         dead = child.broker_id
 
-        def recovered(dead: str = dead) -> bool:
-            parent.recover()
-            return not ack_set_keys(client, namespace, dead)
-
-        wait_until(
-            recovered,
-            "the dead worker's poison to be recovered",
-            HEARTBEAT_TIMEOUT + 5000,
-            interval=0.1,
-        )
+        wait_recovered(parent, client, namespace, dead, "the dead worker's poison to be recovered")
     elapsed = time.monotonic() - started
     runs = poison_runs().get(poison.message_id, 0)
     print(
@@ -682,18 +713,14 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_after_max_deliveries(
     record = declare_record(parent, namespace)
     messages = [record.message(i) for i in range(50)]
     parent.enqueue_many(messages)
-    survivor = spawn(
+    survivor = spawn_poison_worker(
         cleanup,
         redis_server,
         namespace,
-        "work",
         tmp_path / "worker-last.log",
-        "--threads",
-        "1",
-        "--poison",
-        "0",
-        "--max-deliveries",
-        str(max_deliveries),
+        threads=1,
+        poison_ms=0,
+        max_deliveries=max_deliveries,
     )
     processed = redis_counts(client, processed_key(namespace))
     wait_until(
@@ -735,18 +762,14 @@ def test_messages_prefetched_beside_a_poison_message_are_not_dead_lettered(
             break
         # One thread and a prefetch of 10: the poison (run first, by priority) waits
         # 300 ms, meanwhile its consumer fills the prefetch, then the process dies.
-        child = spawn(
+        child = spawn_poison_worker(
             cleanup,
             redis_server,
             namespace,
-            "work",
             tmp_path / f"worker-{attempt}.log",
-            "--threads",
-            "1",
-            "--poison",
-            "300",
-            "--max-deliveries",
-            str(max_deliveries),
+            threads=1,
+            poison_ms=300,
+            max_deliveries=max_deliveries,
             env={"dramatiq_queue_prefetch": "10"},
         )
         code = child.process.wait(15)
@@ -754,26 +777,18 @@ def test_messages_prefetched_beside_a_poison_message_are_not_dead_lettered(
         deaths += 1
         dead = child.broker_id
 
-        def recovered(dead: str = dead) -> bool:
-            parent.recover()
-            return not ack_set_keys(client, namespace, dead)
-
-        wait_until(recovered, "recovery", HEARTBEAT_TIMEOUT + 5000, interval=0.1)
+        wait_recovered(parent, client, namespace, dead, "recovery")
     assert client.zscore(xq, poison_rid) is not None, "the poison was not dead-lettered"
 
     # A last worker runs whatever is left.
-    spawn(
+    spawn_poison_worker(
         cleanup,
         redis_server,
         namespace,
-        "work",
         tmp_path / "worker-last.log",
-        "--threads",
-        "1",
-        "--poison",
-        "300",
-        "--max-deliveries",
-        str(max_deliveries),
+        threads=1,
+        poison_ms=300,
+        max_deliveries=max_deliveries,
     )
     with contextlib.suppress(AssertionError):
         wait_until(lambda: not client.exists(f"{namespace}:poison.msgs"), "drained", 10)
@@ -826,20 +841,15 @@ def test_a_message_running_beside_a_poison_message_is_never_dead_lettered(
         if client.zscore(xq, poison_rid) is not None:
             break
         before = starts().get(innocent.message_id, 0)
-        child = spawn(
+        child = spawn_poison_worker(
             cleanup,
             redis_server,
             namespace,
-            "work",
             tmp_path / f"worker-{attempt}.log",
-            "--threads",
-            "2",
-            "--poison",
-            "300",
-            "--innocent-ms",
-            "5000",
-            "--max-deliveries",
-            str(max_deliveries),
+            threads=2,
+            poison_ms=300,
+            innocent_ms=5000,
+            max_deliveries=max_deliveries,
         )
         code = child.process.wait(20)
         assert code == -signal.SIGKILL, f"worker exited with {code}:\n{child.log_text()}"
@@ -848,11 +858,7 @@ def test_a_message_running_beside_a_poison_message_is_never_dead_lettered(
         )
         dead = child.broker_id
 
-        def recovered(dead: str = dead) -> bool:
-            parent.recover()
-            return not ack_set_keys(client, namespace, dead)
-
-        wait_until(recovered, "recovery", HEARTBEAT_TIMEOUT + 5000, interval=0.1)
+        wait_recovered(parent, client, namespace, dead, "recovery")
 
     dead_letters = {_text(r) for r in client.zrange(xq, 0, -1) if isinstance(r, bytes | str)}
     counts = redis_counts(client, f"{namespace}:__dq__.deliveries.poison")()
