@@ -15,6 +15,7 @@ import contextlib
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -125,6 +126,128 @@ def always_fail(recorder: Recorder) -> Behaviour:
         raise Boom("this one never succeeds")
 
     return run
+
+
+# -- checks both brokers' tests make ----------------------------------------------------
+
+#: Arguments that take JSON to its corners: big and negative numbers, -0.0, escapes,
+#: non-ASCII text, nesting and key order.
+PAYLOAD_ARGS: tuple[Any, ...] = (
+    1,
+    -2,
+    2**70,
+    0.1,
+    1e100,
+    -0.0,
+    True,
+    None,
+    'é€😀 </script> \\ " \n \t \x00',
+    [1, [2, {"a": None}]],
+    {"b": 1, "a": 2, "ü": [3.25]},
+)
+PAYLOAD_KWARGS: dict[str, Any] = {"z": "last", "a": {"nested": [1.5, "x"]}, "ü": 1}
+
+
+def assert_encoded_as_dramatiq_does(raw: bytes) -> None:
+    """``raw`` (a message sent with `PAYLOAD_KWARGS`) has the seven fields in Dramatiq's
+    order, the kwargs in the order sent, and Dramatiq's JSON: compact separators,
+    ensure_ascii, key order kept (spec §1.2)."""
+    assert list(envelope(raw)) == [
+        "queue_name",
+        "actor_name",
+        "args",
+        "kwargs",
+        "options",
+        "message_id",
+        "message_timestamp",
+    ]
+    assert list(envelope(raw)["kwargs"]) == ["z", "a", "ü"]
+    assert raw == json.dumps(envelope(raw), separators=(",", ":")).encode()
+
+
+def assert_each_ran_once(
+    calls: list[Call],
+    sent: dict[str, tuple[list[Any], dict[str, Any]]],
+    *,
+    side: str,
+    queue_name: str,
+    actor_name: str,
+) -> None:
+    """Every message of ``sent`` (message id -> args, kwargs) ran exactly once, on
+    ``side``, with its arguments, from ``queue_name``."""
+    counts = Counter(call.message["message_id"] for call in calls)
+    assert counts == dict.fromkeys(sent, 1), "every message exactly once"
+    for call in calls:
+        assert call.side == side
+        sent_args, sent_kwargs = sent[call.message["message_id"]]
+        assert call.args == sent_args
+        assert call.kwargs == sent_kwargs
+        assert call.message["queue_name"] == queue_name
+        assert call.message["actor_name"] == actor_name
+
+
+def assert_ran_after_their_eta(
+    calls: list[Call], delayed: list[Envelope], immediate: Envelope, *, side: str, queue_name: str
+) -> dict[str, Call]:
+    """Each message ran once; ``immediate`` before every delayed one; each delayed one on
+    ``side`` after its eta, promoted (``queue_name``, no eta, its timestamp and args).
+    Returns the calls by message id."""
+    assert Counter(c.message["message_id"] for c in calls) == {
+        m["message_id"]: 1 for m in [*delayed, immediate]
+    }
+    by_id = {c.message["message_id"]: c for c in calls}
+    assert by_id[immediate["message_id"]].started_ms < min(
+        by_id[m["message_id"]].started_ms for m in delayed
+    )
+    for stored in delayed:
+        call = by_id[stored["message_id"]]
+        assert call.side == side
+        assert call.started_ms >= stored["options"]["eta"], "ran before its eta"
+        assert call.message["queue_name"] == queue_name
+        assert "eta" not in call.message["options"]
+        assert call.message["message_timestamp"] == stored["message_timestamp"]
+        assert call.args == stored["args"]
+    return by_id
+
+
+def assert_retried_once(
+    first: Call, second: Call, stored: Envelope, *, side: str, queue_name: str
+) -> dict[str, Any]:
+    """``stored`` (``flaky(7, x="y")``, max_retries=3, `FAST_RETRY`) failed once on
+    ``side`` and its retry ran after the backoff; returns the retry's options."""
+    for call in (first, second):
+        assert call.side == side
+        assert call.message["message_id"] == stored["message_id"]
+        assert call.message["message_timestamp"] == stored["message_timestamp"]
+        assert call.message["queue_name"] == queue_name
+        assert "eta" not in call.message["options"]
+        assert call.args == [7]
+        assert call.kwargs == {"x": "y"}
+    assert first.message["options"] == stored["options"]
+    options: dict[str, Any] = second.message["options"]
+    assert options["retries"] == 1
+    assert "Boom" in options["traceback"]
+    assert isinstance(options["requeue_timestamp"], int)
+    assert options["max_retries"] == 3
+    # The retry waited its backoff (50-100 ms) in the delay queue.
+    assert second.started_ms - first.started_ms >= 49
+    return options
+
+
+def send_mixed_load(sides: tuple[Side[Any], Side[Any]]) -> tuple[list[str], list[str]]:
+    """From each side: 20 plain and 2 delayed ``echo`` messages, and 3 ``flaky`` ones
+    that fail once. Returns the ids of the (echo, flaky) messages."""
+    plain: list[str] = []
+    flaky: list[str] = []
+    for side in sides:
+        for i in range(20):
+            plain.append(envelope(side.send("echo", args=(side.label, i)))["message_id"])
+        for i in range(2):
+            plain.append(envelope(side.send("echo", args=(side.label, i), delay=150))["message_id"])
+        for i in range(3):
+            sent = side.send("flaky", args=(i,), max_retries=3, **FAST_RETRY)
+            flaky.append(envelope(sent)["message_id"])
+    return plain, flaky
 
 
 # -- the two libraries behind one interface ----------------------------------------------
@@ -338,6 +461,12 @@ class Fleet:
             side.stop_worker()
         for side in self.sides:
             side.close()
+
+    def assert_both_read(self, raw: bytes, fields: Envelope) -> None:
+        """Both libraries decode ``raw`` to ``fields`` and re-encode it byte for byte."""
+        for side in self.sides:
+            assert side.decode(raw) == fields, side.label
+            assert side.reencode(raw) == raw, side.label
 
 
 def directed(

@@ -32,16 +32,23 @@ from tests.support import interop
 from tests.support.interop import (
     DIRECTIONS,
     FAST_RETRY,
+    PAYLOAD_ARGS,
+    PAYLOAD_KWARGS,
     DqSide,
     DramatiqSide,
     Recorder,
     Side,
     always_fail,
+    assert_each_ran_once,
+    assert_encoded_as_dramatiq_does,
+    assert_ran_after_their_eta,
+    assert_retried_once,
     directed,
     envelope,
     fail_first_attempt,
     kept_global_brokers,
     record,
+    send_mixed_load,
 )
 from tests.support.rabbitmq_helpers import PROPERTY_NAMES, Rabbit, rabbitmqctl
 from tests.support.waiting import wait_until
@@ -191,16 +198,13 @@ def test_plain_messages_cross_and_run_exactly_once(fleet: Fleet) -> None:
     recorder.wait_for(lambda calls: len(calls) >= len(sent))
     fleet.assert_nothing_left()
 
-    calls = recorder.calls  # everything, after the workers stopped
-    counts = Counter(call.message["message_id"] for call in calls)
-    assert counts == dict.fromkeys(sent, 1), "every message exactly once"
-    for call in calls:
-        assert call.side == fleet.consumer.label
-        sent_args, sent_kwargs = sent[call.message["message_id"]]
-        assert call.args == sent_args
-        assert call.kwargs == sent_kwargs
-        assert call.message["queue_name"] == fleet.queue
-        assert call.message["actor_name"] == "echo"
+    assert_each_ran_once(
+        recorder.calls,  # everything, after the workers stopped
+        sent,
+        side=fleet.consumer.label,
+        queue_name=fleet.queue,
+        actor_name="echo",
+    )
 
 
 def test_delayed_messages_cross_and_run_after_their_eta(fleet: Fleet) -> None:
@@ -222,23 +226,10 @@ def test_delayed_messages_cross_and_run_after_their_eta(fleet: Fleet) -> None:
     recorder.wait_for(lambda calls: len(calls) >= 4)
     fleet.assert_nothing_left()
 
-    calls = recorder.calls
-    assert Counter(c.message["message_id"] for c in calls) == {
-        m["message_id"]: 1 for m in [*delayed, immediate]
-    }
-    by_id = {c.message["message_id"]: c for c in calls}
-    assert by_id[immediate["message_id"]].started_ms < min(
-        by_id[m["message_id"]].started_ms for m in delayed
+    # Promoted: canonical queue, no eta; the same id and timestamp.
+    assert_ran_after_their_eta(
+        recorder.calls, delayed, immediate, side=fleet.consumer.label, queue_name=fleet.queue
     )
-    for stored in delayed:
-        call = by_id[stored["message_id"]]
-        assert call.side == fleet.consumer.label
-        assert call.started_ms >= stored["options"]["eta"], "ran before its eta"
-        # Promoted: canonical queue, no eta; the same id and timestamp.
-        assert call.message["queue_name"] == fleet.queue
-        assert "eta" not in call.message["options"]
-        assert call.message["message_timestamp"] == stored["message_timestamp"]
-        assert call.args == stored["args"]
 
 
 def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fleet) -> None:
@@ -253,22 +244,7 @@ def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fle
     fleet.assert_nothing_left()
 
     first, second = recorder.calls
-    for call in (first, second):
-        assert call.side == fleet.consumer.label
-        assert call.message["message_id"] == stored["message_id"]
-        assert call.message["message_timestamp"] == stored["message_timestamp"]
-        assert call.message["queue_name"] == fleet.queue
-        assert "eta" not in call.message["options"]
-        assert call.args == [7]
-        assert call.kwargs == {"x": "y"}
-    assert first.message["options"] == stored["options"]
-    options = second.message["options"]
-    assert options["retries"] == 1
-    assert "Boom" in options["traceback"]
-    assert isinstance(options["requeue_timestamp"], int)
-    assert options["max_retries"] == 3
-    # The retry waited its backoff (50-100 ms) in the delay queue.
-    assert second.started_ms - first.started_ms >= 49
+    assert_retried_once(first, second, stored, side=fleet.consumer.label, queue_name=fleet.queue)
     assert len(recorder.calls) == 2
 
 
@@ -300,9 +276,7 @@ def test_a_retry_stored_by_one_library_is_run_by_the_other(fleet: Fleet) -> None
     assert isinstance(options["eta"], int)
     assert options["eta"] >= first.started_ms + 499
     assert got.properties["delivery_mode"] == 2
-    for side in fleet.sides:
-        assert side.decode(got.body) == retry, side.label
-        assert side.reencode(got.body) == got.body, side.label
+    fleet.assert_both_read(got.body, retry)
     # Put it back as it was (basic.get took it) for the producer's worker.
     publisher = fleet.rabbit.connection.channel()
     publisher.basic_publish("", fleet.delay_queue, got.body, pika.BasicProperties(delivery_mode=2))
@@ -378,9 +352,7 @@ def test_a_message_that_fails_for_good_is_dead_lettered_readably(fleet: Fleet) -
     assert death["exchange"] == ""
     assert dead.properties["delivery_mode"] == 2
     # Both decoders read it; in particular the library that did not dead-letter it.
-    for side in fleet.sides:
-        assert side.decode(dead.body) == stored, side.label
-        assert side.reencode(dead.body) == dead.body, side.label
+    fleet.assert_both_read(dead.body, stored)
 
 
 def test_a_message_for_an_actor_only_the_producer_knows_is_dead_lettered(fleet: Fleet) -> None:
@@ -424,20 +396,7 @@ def test_an_undecodable_body_is_dead_lettered_by_either_consumer(fleet: Fleet) -
 
 def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Fleet) -> None:
     fleet.declare("payload", record(Recorder()))
-    args = (
-        1,
-        -2,
-        2**70,
-        0.1,
-        1e100,
-        -0.0,
-        True,
-        None,
-        'é€😀 </script> \\ " \n \t \x00',
-        [1, [2, {"a": None}]],
-        {"b": 1, "a": 2, "ü": [3.25]},
-    )
-    kwargs = {"z": "last", "a": {"nested": [1.5, "x"]}, "ü": 1}
+    args, kwargs = PAYLOAD_ARGS, PAYLOAD_KWARGS
     options = {"max_retries": 3, "time_limit": 60000}
     plain = fleet.producer.send("payload", args=args, kwargs=kwargs, **options)
     delayed = fleet.producer.send("payload", args=args, kwargs=kwargs, delay=60_000, **options)
@@ -446,21 +405,8 @@ def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Flee
     for raw, queue_name in ((plain, fleet.queue), (delayed, fleet.delay_queue)):
         (got,) = fleet.rabbit.get_all(queue_name)
         assert got.body == raw
-        assert list(envelope(raw)) == [
-            "queue_name",
-            "actor_name",
-            "args",
-            "kwargs",
-            "options",
-            "message_id",
-            "message_timestamp",
-        ]
-        assert list(envelope(raw)["kwargs"]) == ["z", "a", "ü"]
-        # Dramatiq's encoding: compact separators, ensure_ascii, key order kept (spec §1.2).
-        assert raw == json.dumps(envelope(raw), separators=(",", ":")).encode()
-        for side in fleet.sides:
-            assert side.decode(raw) == envelope(raw), side.label
-            assert side.reencode(raw) == raw, side.label
+        assert_encoded_as_dramatiq_does(raw)
+        fleet.assert_both_read(raw, envelope(raw))
     assert envelope(plain)["options"] == options
     assert envelope(delayed)["queue_name"] == fleet.delay_queue
     assert isinstance(envelope(delayed)["options"]["eta"], int)
@@ -477,17 +423,7 @@ def test_a_mixed_fleet_shares_one_queue(queue: str, rabbit: Rabbit) -> None:
         for side in mixed.sides:
             side.start_worker()
 
-        plain: list[str] = []
-        flaky: list[str] = []
-        for side in mixed.sides:
-            for i in range(20):
-                plain.append(envelope(side.send("echo", args=(side.label, i)))["message_id"])
-            for i in range(2):
-                sent = side.send("echo", args=(side.label, i), delay=150)
-                plain.append(envelope(sent)["message_id"])
-            for i in range(3):
-                sent = side.send("flaky", args=(i,), max_retries=3, **FAST_RETRY)
-                flaky.append(envelope(sent)["message_id"])
+        plain, flaky = send_mixed_load(mixed.sides)
 
         expected = len(plain) + 2 * len(flaky)
         recorder.wait_for(lambda calls: len(calls) >= expected)

@@ -27,17 +27,24 @@ from tests.support import interop
 from tests.support.interop import (
     DIRECTIONS,
     FAST_RETRY,
+    PAYLOAD_ARGS,
+    PAYLOAD_KWARGS,
     DqSide,
     DramatiqSide,
     Recorder,
     Side,
     always_fail,
+    assert_each_ran_once,
+    assert_encoded_as_dramatiq_does,
+    assert_ran_after_their_eta,
+    assert_retried_once,
     directed,
     envelope,
     fail_first_attempt,
     kept_global_brokers,
     now_ms,
     record,
+    send_mixed_load,
 )
 from tests.support.waiting import wait_until
 
@@ -197,16 +204,13 @@ def test_plain_messages_cross_and_run_exactly_once(fleet: Fleet) -> None:
     recorder.wait_for(lambda calls: len(calls) >= len(sent))
     fleet.assert_nothing_left()
 
-    calls = recorder.calls  # everything, after the workers stopped
-    counts = Counter(call.message["message_id"] for call in calls)
-    assert counts == dict.fromkeys(sent, 1), "every message exactly once"
-    for call in calls:
-        assert call.side == fleet.consumer.label
-        sent_args, sent_kwargs = sent[call.message["message_id"]]
-        assert call.args == sent_args
-        assert call.kwargs == sent_kwargs
-        assert call.message["queue_name"] == QUEUE
-        assert call.message["actor_name"] == "echo"
+    assert_each_ran_once(
+        recorder.calls,  # everything, after the workers stopped
+        sent,
+        side=fleet.consumer.label,
+        queue_name=QUEUE,
+        actor_name="echo",
+    )
 
 
 def test_delayed_messages_are_promoted_by_the_consumer_after_their_eta(fleet: Fleet) -> None:
@@ -233,24 +237,13 @@ def test_delayed_messages_are_promoted_by_the_consumer_after_their_eta(fleet: Fl
     recorder.wait_for(lambda calls: len(calls) >= 4)
     fleet.assert_nothing_left()
 
-    calls = recorder.calls
-    assert Counter(c.message["message_id"] for c in calls) == {
-        m["message_id"]: 1 for m in [*delayed, immediate]
-    }
-    by_id = {c.message["message_id"]: c for c in calls}
-    assert by_id[immediate["message_id"]].started_ms < min(
-        by_id[m["message_id"]].started_ms for m in delayed
+    # Promoted (spec §3.8 step 3): canonical queue, no eta, a new redis_message_id.
+    by_id = assert_ran_after_their_eta(
+        recorder.calls, delayed, immediate, side=fleet.consumer.label, queue_name=QUEUE
     )
     for stored in delayed:
         call = by_id[stored["message_id"]]
-        assert call.side == fleet.consumer.label
-        assert call.started_ms >= stored["options"]["eta"], "ran before its eta"
-        # Promoted (spec §3.8 step 3): canonical queue, no eta, a new redis_message_id.
-        assert call.message["queue_name"] == QUEUE
-        assert "eta" not in call.message["options"]
         assert call.message["options"]["redis_message_id"] != stored["options"]["redis_message_id"]
-        assert call.message["message_timestamp"] == stored["message_timestamp"]
-        assert call.args == stored["args"]
 
 
 def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fleet) -> None:
@@ -265,27 +258,14 @@ def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fle
     fleet.assert_nothing_left()
 
     first, second = recorder.calls
-    for call in (first, second):
-        assert call.side == fleet.consumer.label
-        assert call.message["message_id"] == stored["message_id"]
-        assert call.message["message_timestamp"] == stored["message_timestamp"]
-        assert call.message["queue_name"] == QUEUE
-        assert "eta" not in call.message["options"]
-        assert call.args == [7]
-        assert call.kwargs == {"x": "y"}
+    options = assert_retried_once(
+        first, second, stored, side=fleet.consumer.label, queue_name=QUEUE
+    )
     assert "retries" not in first.message["options"]
-    assert first.message["options"] == stored["options"]
-    options = second.message["options"]
-    assert options["retries"] == 1
     assert isinstance(options["traceback"], str)
-    assert "Boom" in options["traceback"]
-    assert isinstance(options["requeue_timestamp"], int)
-    assert options["max_retries"] == 3
     assert options["min_backoff"] == 50
     assert options["max_backoff"] == 100
     assert options["redis_message_id"] != stored["options"]["redis_message_id"]
-    # The retry waited its backoff (50-100 ms) in the delay queue.
-    assert second.started_ms - first.started_ms >= 49
     assert len(recorder.calls) == 2
 
 
@@ -321,9 +301,7 @@ def test_a_retry_stored_by_one_library_is_run_by_the_other(fleet: Fleet) -> None
     assert options["retries"] == 1
     assert isinstance(options["eta"], int)
     assert options["eta"] >= first.started_ms + 499
-    for side in fleet.sides:
-        assert side.decode(raw) == retry, side.label
-        assert side.reencode(raw) == raw, side.label
+    fleet.assert_both_read(raw, retry)
 
     fleet.producer.start_worker()
     calls = recorder.wait_for(lambda calls: len(calls) >= 2)
@@ -403,9 +381,7 @@ def test_a_message_that_fails_for_good_is_dead_lettered_readably(fleet: Fleet) -
     # nack copies the stored bytes as they were (spec §3.5).
     assert dead == raw
     # Both decoders read it; in particular the library that did not dead-letter it.
-    for side in fleet.sides:
-        assert side.decode(dead) == stored, side.label
-        assert side.reencode(dead) == dead, side.label
+    fleet.assert_both_read(dead, stored)
 
     # Either library's flush purges the dead letters (purge deletes Q.XQ and Q.XQ.msgs).
     fleet.producer.flush(QUEUE)
@@ -438,20 +414,7 @@ def test_a_message_for_an_actor_only_the_producer_knows_is_dead_lettered(fleet: 
 def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Fleet) -> None:
     recorder = Recorder()
     fleet.declare("payload", record(recorder))
-    args = (
-        1,
-        -2,
-        2**70,
-        0.1,
-        1e100,
-        -0.0,
-        True,
-        None,
-        'é€😀 </script> \\ " \n \t \x00',
-        [1, [2, {"a": None}]],
-        {"b": 1, "a": 2, "ü": [3.25]},
-    )
-    kwargs = {"z": "last", "a": {"nested": [1.5, "x"]}, "ü": 1}
+    args, kwargs = PAYLOAD_ARGS, PAYLOAD_KWARGS
     options = {"max_retries": 3, "time_limit": 60000}
     plain = envelope(fleet.producer.send("payload", args=args, kwargs=kwargs, **options))
     delayed = envelope(
@@ -465,21 +428,8 @@ def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Flee
         assert fleet.list_ids(queue_name) == [rid]
         raw = fleet.stored(queue_name, rid)
         assert envelope(raw) == stored
-        assert list(envelope(raw)) == [
-            "queue_name",
-            "actor_name",
-            "args",
-            "kwargs",
-            "options",
-            "message_id",
-            "message_timestamp",
-        ]
-        assert list(envelope(raw)["kwargs"]) == ["z", "a", "ü"]
-        # Dramatiq's encoding: compact separators, ensure_ascii, key order kept (spec §1.2).
-        assert raw == json.dumps(envelope(raw), separators=(",", ":")).encode()
-        for side in fleet.sides:
-            assert side.decode(raw) == stored, side.label
-            assert side.reencode(raw) == raw, side.label
+        assert_encoded_as_dramatiq_does(raw)
+        fleet.assert_both_read(raw, stored)
     assert delayed["queue_name"] == f"{QUEUE}.DQ"
     assert isinstance(delayed["options"]["eta"], int)
     assert plain["options"] == {**options, "redis_message_id": plain["options"]["redis_message_id"]}
@@ -504,17 +454,7 @@ def test_a_mixed_fleet_shares_one_queue(mixed: Fleet) -> None:
     for side in mixed.sides:
         side.start_worker()
 
-    plain: list[str] = []
-    flaky: list[str] = []
-    for side in mixed.sides:
-        for i in range(20):
-            plain.append(envelope(side.send("echo", args=(side.label, i)))["message_id"])
-        for i in range(2):
-            plain.append(envelope(side.send("echo", args=(side.label, i), delay=150))["message_id"])
-        for i in range(3):
-            flaky.append(
-                envelope(side.send("flaky", args=(i,), max_retries=3, **FAST_RETRY))["message_id"]
-            )
+    plain, flaky = send_mixed_load(mixed.sides)
 
     expected = len(plain) + 2 * len(flaky)
     recorder.wait_for(lambda calls: len(calls) >= expected)
