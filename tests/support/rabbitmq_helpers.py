@@ -199,6 +199,14 @@ class Rabbit:
         channel.close()
 
 
+def private_queue(rabbit: Rabbit, prefix: str) -> Iterator[str]:
+    """For a fixture (``yield from``): a queue name ``PREFIX_<hex>`` of one test; the
+    queue, its ``.DQ`` and its ``.XQ`` are deleted after."""
+    name = f"{prefix}_{uuid.uuid4().hex}"
+    yield name
+    rabbit.delete(name, f"{name}.DQ", f"{name}.XQ")
+
+
 @pytest.fixture
 def broker_factory() -> Iterator[BrokerFactory]:
     """A `BrokerFactory`; every queue its brokers declared is deleted afterwards."""

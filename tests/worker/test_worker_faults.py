@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +22,7 @@ from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
 from dq.core import DeathReason, InvalidValue, policy
 from dq.middleware import Middleware
+from tests.support.consumers import Delegating
 from tests.support.global_broker import kept_global_broker
 
 
@@ -31,40 +32,33 @@ def _restore_global_broker() -> Iterator[None]:
         yield
 
 
-class Wrapped(Consumer):
+class Wrapped(Delegating):
     """A stub consumer whose deliveries ``rewrite`` may change, as if another producer
     had stored them so; a held delayed message is promoted only if its eta is valid
     (the core refuses to move a bad one, as every broker's server step does)."""
 
     def __init__(self, inner: Any, broker: WrappingBroker) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.broker = broker
 
     def __next__(self) -> MessageProxy:
-        proxy: MessageProxy = next(self.inner)
+        proxy = super().__next__()
         self.broker.rewrite(proxy)
         return proxy
 
     def ack(self, message: MessageProxy) -> None:
         self.broker.settled("ack", message)
-        self.inner.ack(message)
+        super().ack(message)
 
     def nack(self, message: MessageProxy) -> None:
         self.broker.settled("nack", message)
-        self.inner.nack(message)
-
-    def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        self.inner.requeue(messages)
-
-    def close(self) -> None:
-        self.inner.close()
+        super().nack(message)
 
     def promote(self, message: MessageProxy) -> Message[Any]:
         problem = policy.eta_problem(message.options.get("eta"))
         if problem is not None:
             raise InvalidValue(problem)
-        promoted: Message[Any] = self.inner.promote(message)
-        return promoted
+        return super().promote(message)
 
 
 class WrappingBroker(StubBroker):

@@ -9,16 +9,17 @@ running when each started.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import dq
 import dq.broker
-from dq import Message, MessageProxy, Worker
+from dq import MessageProxy, Worker
 from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
+from tests.support.consumers import Delegating
 from tests.support.global_broker import kept_global_broker
 
 #: How long an actor waits for something that must not happen (it only bounds the
@@ -32,33 +33,13 @@ def _restore_global_broker() -> Iterator[None]:
         yield
 
 
-class Suspecting(Consumer):
+class Suspecting(Delegating):
     """A stub consumer that suspects messages whose first argument starts with
     ``"suspect"``, and records every ``started`` call."""
 
     def __init__(self, inner: Any, broker: SuspectingBroker) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.broker = broker
-
-    def __next__(self) -> MessageProxy:
-        proxy: MessageProxy = next(self.inner)
-        return proxy
-
-    def ack(self, message: MessageProxy) -> None:
-        self.inner.ack(message)
-
-    def nack(self, message: MessageProxy) -> None:
-        self.inner.nack(message)
-
-    def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        self.inner.requeue(messages)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def promote(self, message: MessageProxy) -> Message[Any]:
-        promoted: Message[Any] = self.inner.promote(message)
-        return promoted
 
     def suspect(self, message: MessageProxy) -> bool:
         return str(message.args[0]).startswith("suspect")

@@ -45,7 +45,7 @@ from tests.brokers.rabbitmq.rabbitmq_crash_worker import (
 )
 from tests.support import processes
 from tests.support.processes import Child, Outcome
-from tests.support.rabbitmq_helpers import Rabbit, rabbitmqctl
+from tests.support.rabbitmq_helpers import Rabbit, private_queue, rabbitmqctl
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbitmq]
@@ -123,9 +123,7 @@ def close_connections_named(name: str) -> int:
 @pytest.fixture
 def queue(rabbit: Rabbit) -> Iterator[str]:
     """A queue of this test only; it, its DQ and its XQ are deleted after."""
-    name = f"crash_{uuid.uuid4().hex}"
-    yield name
-    rabbit.delete(name, f"{name}.DQ", f"{name}.XQ")
+    yield from private_queue(rabbit, "crash")
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from tests.support.interop import (
     record,
     send_mixed_load,
 )
-from tests.support.rabbitmq_helpers import PROPERTY_NAMES, Rabbit, rabbitmqctl
+from tests.support.rabbitmq_helpers import PROPERTY_NAMES, Rabbit, private_queue, rabbitmqctl
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.rabbitmq]
@@ -98,9 +97,7 @@ def queue_topology(*queue_names: str) -> dict[str, dict[str, Any]]:
 @pytest.fixture
 def queue(rabbit: Rabbit) -> Iterator[str]:
     """A queue name of this test only; the queue and its DQ and XQ are deleted after."""
-    name = f"interop_{uuid.uuid4().hex}"
-    yield name
-    rabbit.delete(name, f"{name}.DQ", f"{name}.XQ")
+    yield from private_queue(rabbit, "interop")
 
 
 @dataclass
