@@ -28,27 +28,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker as DramatiqRabbitmqBroker
 
 from dq.brokers.rabbitmq import RabbitmqBroker as DqRabbitmqBroker
 from tests.support import interop
-from tests.support.interop import (
-    DIRECTIONS,
-    FAST_RETRY,
-    PAYLOAD_ARGS,
-    PAYLOAD_KWARGS,
-    DqSide,
-    DramatiqSide,
-    Recorder,
-    Side,
-    always_fail,
-    assert_each_ran_once,
-    assert_encoded_as_dramatiq_does,
-    assert_ran_after_their_eta,
-    assert_retried_once,
-    directed,
-    envelope,
-    fail_first_attempt,
-    kept_global_brokers,
-    record,
-    send_mixed_load,
-)
+from tests.support.interop import FAST_RETRY, DqSide, DramatiqSide, Recorder, envelope, record
 from tests.support.rabbitmq_helpers import PROPERTY_NAMES, Rabbit, private_queue, rabbitmqctl
 from tests.support.waiting import wait_until
 
@@ -139,7 +119,7 @@ def make_fleet(
     confirm: bool = False,
 ) -> Iterator[Fleet]:
     """Both libraries' brokers on ``queue``; both workers stopped and brokers closed after."""
-    with kept_global_brokers():
+    with interop.kept_global_brokers():
         settings: dict[str, Any] = {
             "host": RABBIT_HOST,
             "port": RABBIT_PORT,
@@ -148,7 +128,7 @@ def make_fleet(
         }
         dq_side = DqSide(DqRabbitmqBroker(**settings), queue)
         dramatiq_side = DramatiqSide(DramatiqRabbitmqBroker(**settings), queue)
-        producer, consumer = directed(direction, dq_side, dramatiq_side)
+        producer, consumer = interop.directed(direction, dq_side, dramatiq_side)
         fleet = Fleet(dq_side, dramatiq_side, producer, consumer, queue, rabbit)
         try:
             yield fleet
@@ -156,20 +136,20 @@ def make_fleet(
             fleet.shutdown()
 
 
-def message_counts(side: Side[Any]) -> tuple[int, int, int]:
+def message_counts(side: interop.Side[Any]) -> tuple[int, int, int]:
     """``broker.get_queue_message_counts(queue)`` of ``side``: (re-)declares Q, Q.DQ and
     Q.XQ."""
     ready, delayed, dead = side.broker.get_queue_message_counts(side.queue_name)
     return int(ready), int(delayed), int(dead)
 
 
-@pytest.fixture(params=DIRECTIONS)
+@pytest.fixture(params=interop.DIRECTIONS)
 def fleet(request: pytest.FixtureRequest, queue: str, rabbit: Rabbit) -> Iterator[Fleet]:
     with make_fleet(queue, rabbit, request.param) as fleet:
         yield fleet
 
 
-@pytest.fixture(params=DIRECTIONS)
+@pytest.fixture(params=interop.DIRECTIONS)
 def priority_fleet(request: pytest.FixtureRequest, queue: str, rabbit: Rabbit) -> Iterator[Fleet]:
     """As `fleet`, with ``max_priority=10`` on both brokers."""
     with make_fleet(queue, rabbit, request.param, max_priority=10) as fleet:
@@ -195,7 +175,7 @@ def test_plain_messages_cross_and_run_exactly_once(fleet: Fleet) -> None:
     recorder.wait_for(lambda calls: len(calls) >= len(sent))
     fleet.assert_nothing_left()
 
-    assert_each_ran_once(
+    interop.assert_each_ran_once(
         recorder.calls,  # everything, after the workers stopped
         sent,
         side=fleet.consumer.label,
@@ -224,14 +204,14 @@ def test_delayed_messages_cross_and_run_after_their_eta(fleet: Fleet) -> None:
     fleet.assert_nothing_left()
 
     # Promoted: canonical queue, no eta; the same id and timestamp.
-    assert_ran_after_their_eta(
+    interop.assert_ran_after_their_eta(
         recorder.calls, delayed, immediate, side=fleet.consumer.label, queue_name=fleet.queue
     )
 
 
 def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fleet) -> None:
     recorder = Recorder()
-    fleet.declare("flaky", fail_first_attempt(recorder))
+    fleet.declare("flaky", interop.fail_first_attempt(recorder))
     stored = envelope(
         fleet.producer.send("flaky", args=(7,), kwargs={"x": "y"}, max_retries=3, **FAST_RETRY)
     )
@@ -241,7 +221,9 @@ def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fle
     fleet.assert_nothing_left()
 
     first, second = recorder.calls
-    assert_retried_once(first, second, stored, side=fleet.consumer.label, queue_name=fleet.queue)
+    interop.assert_retried_once(
+        first, second, stored, side=fleet.consumer.label, queue_name=fleet.queue
+    )
     assert len(recorder.calls) == 2
 
 
@@ -249,7 +231,7 @@ def test_a_retry_stored_by_one_library_is_run_by_the_other(fleet: Fleet) -> None
     """The consumer's first attempt fails and it publishes the retry to Q.DQ; it stops
     before the retry is due, and the producer's worker promotes and runs it."""
     recorder = Recorder()
-    fleet.declare("flaky", fail_first_attempt(recorder))
+    fleet.declare("flaky", interop.fail_first_attempt(recorder))
     # A 500-1000 ms backoff: the consumer is stopped well before the retry is due.
     stored = envelope(
         fleet.producer.send("flaky", args=(1,), max_retries=3, min_backoff=1000, max_backoff=1000)
@@ -327,7 +309,7 @@ def test_delayed_messages_held_at_shutdown_go_back_for_the_other_library(fleet: 
 
 def test_a_message_that_fails_for_good_is_dead_lettered_readably(fleet: Fleet) -> None:
     recorder = Recorder()
-    fleet.declare("doomed", always_fail(recorder))
+    fleet.declare("doomed", interop.always_fail(recorder))
     raw = fleet.producer.send("doomed", args=("x",), max_retries=0, **FAST_RETRY)
     stored = envelope(raw)
 
@@ -393,7 +375,7 @@ def test_an_undecodable_body_is_dead_lettered_by_either_consumer(fleet: Fleet) -
 
 def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Fleet) -> None:
     fleet.declare("payload", record(Recorder()))
-    args, kwargs = PAYLOAD_ARGS, PAYLOAD_KWARGS
+    args, kwargs = interop.PAYLOAD_ARGS, interop.PAYLOAD_KWARGS
     options = {"max_retries": 3, "time_limit": 60000}
     plain = fleet.producer.send("payload", args=args, kwargs=kwargs, **options)
     delayed = fleet.producer.send("payload", args=args, kwargs=kwargs, delay=60_000, **options)
@@ -402,7 +384,7 @@ def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Flee
     for raw, queue_name in ((plain, fleet.queue), (delayed, fleet.delay_queue)):
         (got,) = fleet.rabbit.get_all(queue_name)
         assert got.body == raw
-        assert_encoded_as_dramatiq_does(raw)
+        interop.assert_encoded_as_dramatiq_does(raw)
         fleet.assert_both_read(raw, envelope(raw))
     assert envelope(plain)["options"] == options
     assert envelope(delayed)["queue_name"] == fleet.delay_queue
@@ -416,11 +398,11 @@ def test_a_mixed_fleet_shares_one_queue(queue: str, rabbit: Rabbit) -> None:
     with make_fleet(queue, rabbit, "dq-to-dramatiq", confirm=True) as mixed:
         recorder = Recorder()
         mixed.declare("echo", record(recorder))
-        mixed.declare("flaky", fail_first_attempt(recorder))
+        mixed.declare("flaky", interop.fail_first_attempt(recorder))
         for side in mixed.sides:
             side.start_worker()
 
-        plain, flaky = send_mixed_load(mixed.sides)
+        plain, flaky = interop.send_mixed_load(mixed.sides)
 
         expected = len(plain) + 2 * len(flaky)
         recorder.wait_for(lambda calls: len(calls) >= expected)

@@ -25,26 +25,13 @@ from dramatiq.brokers.redis import RedisBroker as DramatiqRedisBroker
 from dq.brokers.redis import RedisBroker as DqRedisBroker
 from tests.support import interop
 from tests.support.interop import (
-    DIRECTIONS,
     FAST_RETRY,
-    PAYLOAD_ARGS,
-    PAYLOAD_KWARGS,
     DqSide,
     DramatiqSide,
     Recorder,
-    Side,
-    always_fail,
-    assert_each_ran_once,
-    assert_encoded_as_dramatiq_does,
-    assert_ran_after_their_eta,
-    assert_retried_once,
-    directed,
     envelope,
-    fail_first_attempt,
-    kept_global_brokers,
     now_ms,
     record,
-    send_mixed_load,
 )
 from tests.support.waiting import wait_until
 
@@ -132,7 +119,7 @@ class Fleet(interop.Fleet):
             entries.append((as_str(member), float(score)))
         return entries
 
-    def ack_set(self, side: Side[Any], queue_name: str) -> set[str]:
+    def ack_set(self, side: interop.Side[Any], queue_name: str) -> set[str]:
         """The ids ``side``'s broker holds (fetched, unsettled) from ``ns:queue_name``."""
         key = self.key(f"__acks__.{side.broker.broker_id}.{queue_name}")
         return {as_str(rid) for rid in self.client.smembers(key)}
@@ -153,7 +140,7 @@ def as_str(value: object) -> str:
 
 @pytest.fixture
 def both(namespace: str) -> Iterator[tuple[DqSide[Any], DramatiqSide[Any]]]:
-    with kept_global_brokers():
+    with interop.kept_global_brokers():
         dq_side, dramatiq_side = redis_sides(namespace)
         try:
             yield dq_side, dramatiq_side
@@ -165,7 +152,7 @@ def both(namespace: str) -> Iterator[tuple[DqSide[Any], DramatiqSide[Any]]]:
                 side.broker.client.close()
 
 
-@pytest.fixture(params=DIRECTIONS)
+@pytest.fixture(params=interop.DIRECTIONS)
 def fleet(
     request: pytest.FixtureRequest,
     namespace: str,
@@ -173,7 +160,7 @@ def fleet(
     both: tuple[DqSide[Any], DramatiqSide[Any]],
 ) -> Fleet:
     dq_side, dramatiq_side = both
-    producer, consumer = directed(request.param, dq_side, dramatiq_side)
+    producer, consumer = interop.directed(request.param, dq_side, dramatiq_side)
     return Fleet(dq_side, dramatiq_side, producer, consumer, namespace, client)
 
 
@@ -204,7 +191,7 @@ def test_plain_messages_cross_and_run_exactly_once(fleet: Fleet) -> None:
     recorder.wait_for(lambda calls: len(calls) >= len(sent))
     fleet.assert_nothing_left()
 
-    assert_each_ran_once(
+    interop.assert_each_ran_once(
         recorder.calls,  # everything, after the workers stopped
         sent,
         side=fleet.consumer.label,
@@ -238,7 +225,7 @@ def test_delayed_messages_are_promoted_by_the_consumer_after_their_eta(fleet: Fl
     fleet.assert_nothing_left()
 
     # Promoted (spec §3.8 step 3): canonical queue, no eta, a new redis_message_id.
-    by_id = assert_ran_after_their_eta(
+    by_id = interop.assert_ran_after_their_eta(
         recorder.calls, delayed, immediate, side=fleet.consumer.label, queue_name=QUEUE
     )
     for stored in delayed:
@@ -248,7 +235,7 @@ def test_delayed_messages_are_promoted_by_the_consumer_after_their_eta(fleet: Fl
 
 def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fleet) -> None:
     recorder = Recorder()
-    fleet.declare("flaky", fail_first_attempt(recorder))
+    fleet.declare("flaky", interop.fail_first_attempt(recorder))
     stored = envelope(
         fleet.producer.send("flaky", args=(7,), kwargs={"x": "y"}, max_retries=3, **FAST_RETRY)
     )
@@ -258,7 +245,7 @@ def test_a_message_that_fails_once_is_retried_through_the_delay_queue(fleet: Fle
     fleet.assert_nothing_left()
 
     first, second = recorder.calls
-    options = assert_retried_once(
+    options = interop.assert_retried_once(
         first, second, stored, side=fleet.consumer.label, queue_name=QUEUE
     )
     assert "retries" not in first.message["options"]
@@ -273,7 +260,7 @@ def test_a_retry_stored_by_one_library_is_run_by_the_other(fleet: Fleet) -> None
     """The consumer's first attempt fails and it stores the retry on Q.DQ; it stops
     before the retry is due, and the producer's worker promotes and runs it."""
     recorder = Recorder()
-    fleet.declare("flaky", fail_first_attempt(recorder))
+    fleet.declare("flaky", interop.fail_first_attempt(recorder))
     # A 500-1000 ms backoff: the consumer is stopped well before the retry is due.
     stored = envelope(
         fleet.producer.send("flaky", args=(1,), max_retries=3, min_backoff=1000, max_backoff=1000)
@@ -356,7 +343,7 @@ def test_delayed_messages_held_at_shutdown_go_back_for_the_other_library(fleet: 
 
 def test_a_message_that_fails_for_good_is_dead_lettered_readably(fleet: Fleet) -> None:
     recorder = Recorder()
-    fleet.declare("doomed", always_fail(recorder))
+    fleet.declare("doomed", interop.always_fail(recorder))
     before = now_ms()
     stored = envelope(fleet.producer.send("doomed", args=("x",), max_retries=0, **FAST_RETRY))
     rid = stored["options"]["redis_message_id"]
@@ -414,7 +401,7 @@ def test_a_message_for_an_actor_only_the_producer_knows_is_dead_lettered(fleet: 
 def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Fleet) -> None:
     recorder = Recorder()
     fleet.declare("payload", record(recorder))
-    args, kwargs = PAYLOAD_ARGS, PAYLOAD_KWARGS
+    args, kwargs = interop.PAYLOAD_ARGS, interop.PAYLOAD_KWARGS
     options = {"max_retries": 3, "time_limit": 60000}
     plain = envelope(fleet.producer.send("payload", args=args, kwargs=kwargs, **options))
     delayed = envelope(
@@ -428,7 +415,7 @@ def test_stored_payloads_are_read_byte_for_byte_by_the_other_library(fleet: Flee
         assert fleet.list_ids(queue_name) == [rid]
         raw = fleet.stored(queue_name, rid)
         assert envelope(raw) == stored
-        assert_encoded_as_dramatiq_does(raw)
+        interop.assert_encoded_as_dramatiq_does(raw)
         fleet.assert_both_read(raw, stored)
     assert delayed["queue_name"] == f"{QUEUE}.DQ"
     assert isinstance(delayed["options"]["eta"], int)
@@ -450,11 +437,11 @@ def test_a_mixed_fleet_shares_one_queue(mixed: Fleet) -> None:
     and fail-once messages each run exactly once (twice for the retried ones)."""
     recorder = Recorder()
     mixed.declare("echo", record(recorder))
-    mixed.declare("flaky", fail_first_attempt(recorder))
+    mixed.declare("flaky", interop.fail_first_attempt(recorder))
     for side in mixed.sides:
         side.start_worker()
 
-    plain, flaky = send_mixed_load(mixed.sides)
+    plain, flaky = interop.send_mixed_load(mixed.sides)
 
     expected = len(plain) + 2 * len(flaky)
     recorder.wait_for(lambda calls: len(calls) >= expected)
