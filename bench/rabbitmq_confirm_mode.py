@@ -23,32 +23,29 @@ import statistics
 import threading
 import time
 import uuid
-from typing import Any
 
 import pika
 
 import dq
 import harness
-from dq.brokers import rabbitmq
 from dq.brokers.rabbitmq import RabbitmqBroker
+from dq.brokers.rabbitmq.publisher import Publisher
 
 ARMS = ("plain", "confirm-mode")
+
+
+class _ConfirmModeBroker(RabbitmqBroker):
+    """Publishes on a channel in confirm mode without waiting for the confirms."""
+
+    def _open_publisher(self) -> Publisher:
+        return Publisher(self._connect(), confirming=True)
 
 
 def one_run(url: str, samples: int, block: int, gap_s: float) -> dict[str, list[float]]:
     queue = f"bench_confirm_mode_{uuid.uuid4().hex[:8]}"
     plain = RabbitmqBroker(url=url)
-    confirming = RabbitmqBroker(url=url, middleware=[])
+    confirming = _ConfirmModeBroker(url=url, middleware=[])
     dq.set_broker(plain)
-    original = rabbitmq._Publisher._open_channel
-
-    def open_channel(publisher: Any) -> Any:
-        if publisher.broker is not confirming:
-            return original(publisher)
-        channel = publisher.connection.channel()
-        return channel, rabbitmq._Confirms(publisher.connection, channel, confirming=True)
-
-    rabbitmq._Publisher._open_channel = open_channel  # type: ignore[method-assign]
     started = threading.Event()
     latencies: dict[str, list[float]] = {arm: [] for arm in ARMS}
     arm = ["warm-up"]
@@ -78,7 +75,6 @@ def one_run(url: str, samples: int, block: int, gap_s: float) -> dict[str, list[
                     send(broker)
     finally:
         worker.stop()
-        rabbitmq._Publisher._open_channel = original  # type: ignore[method-assign]
         plain.close()
         confirming.close()
         connection = pika.BlockingConnection(pika.URLParameters(url))

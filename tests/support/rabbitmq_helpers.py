@@ -16,6 +16,7 @@ import pika.exceptions
 import pytest
 
 from dq.brokers.rabbitmq import RabbitmqBroker
+from dq.brokers.rabbitmq._pika import socket_of
 from dq.core import policy
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -234,7 +235,7 @@ def wait_for_counts(
 
 def _client_name(connection: Any) -> str:
     """The server's name of ``connection`` (a pika BlockingConnection): client -> server."""
-    sock = connection._impl._transport._sock  # the client end of the TCP connection
+    sock = socket_of(connection)  # the client end of the TCP connection
     host, port = sock.getsockname()[:2]
     return f"{host}:{port} -> 127.0.0.1:5672"
 

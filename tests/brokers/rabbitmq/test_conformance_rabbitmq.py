@@ -11,7 +11,8 @@ import pytest
 
 from dq import Message
 from dq.broker import Broker, Consumer
-from dq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
+from dq.brokers.rabbitmq import RabbitmqBroker
+from dq.brokers.rabbitmq.consumer import RabbitmqConsumer
 from dq.core import policy
 from dq.testing import Crashes, conformance_test
 from tests.support.rabbitmq_helpers import RABBITMQ_URL, delete_queues, new_prefix, read_queue
@@ -50,9 +51,9 @@ class RabbitmqCrashes(Crashes):
     recovers_at_once = True
 
     def crash(self, consumer: Consumer) -> None:
-        assert isinstance(consumer, _RabbitmqConsumer)
+        assert isinstance(consumer, RabbitmqConsumer)
         assert isinstance(self.broker, RabbitmqBroker)
-        self.broker._consumers.discard(consumer)  # its process is gone
+        self.broker._open_consumers.discard(consumer)  # its process is gone
         consumer.connection.close()  # no ack, no republish: the server takes them back
 
 

@@ -26,8 +26,9 @@ from dq.brokers.rabbitmq import (
     MessageUnroutable,
     RabbitmqBroker,
     RabbitmqMessage,
-    _RabbitmqConsumer,
 )
+from dq.brokers.rabbitmq._pika import ReadingConnection, connection_of
+from dq.brokers.rabbitmq.consumer import RabbitmqConsumer
 from dq.core import policy
 from dq.errors import BrokerError, ConnectionClosed, QueueJoinTimeout, QueueNotFound
 from dq.middleware import Retries
@@ -278,7 +279,7 @@ def test_settling_requeue_promote_and_nack_keep_each_message_once(
     ]
     delayed = broker.enqueue(Message(prefix, "f", (3,), {}, {}), delay=10)
     delay_consumer = broker.consume(f"{prefix}.DQ", prefetch=1, timeout=50)
-    assert isinstance(delay_consumer, _RabbitmqConsumer)
+    assert isinstance(delay_consumer, RabbitmqConsumer)
     held = next(delay_consumer)
     promoted = delay_consumer.promote(held)
     assert promoted == policy.promoted(delayed)
@@ -318,14 +319,21 @@ def test_deliveries_are_read_whole_whatever_their_size(broker: RabbitmqBroker, p
     got = [next(consumer) for _ in range(len(sent) + 1)]
     assert [m.message_id for m in got] == [m.message_id for m in [*sent, urgent]]
     assert [m.args for m in got[: len(sent)]] == [m.args for m in sent]
-    bodies = consumer._bodies  # type: ignore[attr-defined]
+    assert isinstance(consumer, RabbitmqConsumer)
+    bodies = consumer._bodies
     assert bodies[got[-1]._tag.tag].properties.priority == 3  # type: ignore[attr-defined]
     assert bodies[got[0]._tag.tag].properties.delivery_mode == 2  # type: ignore[attr-defined]
-    assert consumer._fast_reads >= 3  # type: ignore[attr-defined]
+    assert reader_of(consumer).fast_reads >= 3
     for message in got:
         consumer.ack(message)
     consumer.close()
     assert [body for body, _ in read_queue(f"{prefix}.XQ")] == [b""]  # undecodable
+
+
+def reader_of(consumer: RabbitmqConsumer) -> ReadingConnection:
+    reader = connection_of(consumer.connection)
+    assert isinstance(reader, ReadingConnection)
+    return reader
 
 
 @settings(max_examples=25, deadline=None)
@@ -345,10 +353,12 @@ def test_the_consumer_reads_deliveries_across_any_read_boundaries(
     queue = new_prefix("reads")
     try:
         consumer = broker.consume(queue, prefetch=1, timeout=10)
-        impl = consumer._impl  # type: ignore[attr-defined]
+        assert isinstance(consumer, RabbitmqConsumer)
+        impl = consumer._async_channel
+        reader = reader_of(consumer)
         number = impl.channel_number
         got: list[tuple[int, bytes]] = []
-        impl._consumers["test-tag"] = lambda _c, m, _p, body: got.append((m.delivery_tag, body))
+        impl.consumers["test-tag"] = lambda _c, m, _p, body: got.append((m.delivery_tag, body))
         frames: list[Any] = []
         for i, size in enumerate(sizes, 1):
             body = bytes([i]) * size
@@ -366,16 +376,16 @@ def test_the_consumer_reads_deliveries_across_any_read_boundaries(
                 frames.append(pika.frame.Heartbeat())
         data = b"".join(f.marshal() for f in frames)
         bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
-        before = impl.connection.bytes_received
+        before = reader.bytes_received
         for start, stop in itertools.pairwise(bounds):
-            consumer._read(data[start:stop])  # type: ignore[attr-defined]
+            reader._on_data_available(data[start:stop])
         assert got == [(i, bytes([i]) * size) for i, size in enumerate(sizes, 1)]
-        assert impl.connection.bytes_received - before == len(data)
+        assert reader.bytes_received - before == len(data)
         # Deliveries under the hold-back size are all decoded by the consumer itself.
         small = sum(1 for size in sizes if size <= 140_000) if heartbeats != "inside" else 0
-        assert small <= consumer._fast_reads <= len(sizes)  # type: ignore[attr-defined]
-        assert not impl.connection._frame_buffer and not consumer._partial  # type: ignore[attr-defined]
-        del impl._consumers["test-tag"]
+        assert small <= reader.fast_reads <= len(sizes)
+        assert not getattr(reader, "_frame_buffer") and not reader.partial  # noqa: B009
+        del impl.consumers["test-tag"]
         consumer.close()
     finally:
         broker.close()
@@ -434,7 +444,7 @@ def test_an_ack_after_the_server_closed_the_channel_is_logged_counted_and_redeli
     broker.declare_queue(prefix)
     sent = broker.enqueue(Message(prefix, "f", (), {}, {}))
     consumer = broker.consume(prefix, prefetch=1, timeout=50)
-    assert isinstance(consumer, _RabbitmqConsumer)
+    assert isinstance(consumer, RabbitmqConsumer)
     message = next(consumer)
     close_server_side(consumer.connection)
     with pytest.raises(ConnectionClosed):  # the consumer notices (within 100 timeouts)

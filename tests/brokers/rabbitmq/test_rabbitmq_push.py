@@ -23,7 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from dq import Message
 from dq.broker import Consumer, MessageProxy
-from dq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
+from dq.brokers.rabbitmq import RabbitmqBroker
+from dq.brokers.rabbitmq.consumer import RabbitmqConsumer
 from dq.core import policy
 from tests.support.rabbitmq_helpers import RABBITMQ_URL, delete_queues, new_prefix, read_queue
 
@@ -143,7 +144,7 @@ class PushConsumers(RuleBasedStateMachine):
     def never_more_than_the_prefetch(self) -> None:
         for c in self.consumers:
             consumer = c.consumer
-            assert isinstance(consumer, _RabbitmqConsumer)
+            assert isinstance(consumer, RabbitmqConsumer)
             assert consumer._outstanding <= c.prefetch, (consumer._outstanding, c.prefetch)
 
 
