@@ -415,33 +415,27 @@ print(sorted(os.listdir(os.environ["dramatiq_prom_db"])))
 """
 
 
-def test_a_client_imported_before_boot_is_left_alone_and_named(tmp_path: Path) -> None:
+def _boot_in_a_process(code: str, db: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter, with no multiprocess directory variable and
+    ``db`` as the middleware's directory."""
     env = {k: v for k, v in os.environ.items() if "multiproc_dir" not in k.lower()}
-    env["dramatiq_prom_db"] = str(tmp_path)
+    env["dramatiq_prom_db"] = str(db)
     out = subprocess.run(
-        [sys.executable, "-c", _EARLY_IMPORT],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_a_client_imported_before_boot_is_left_alone_and_named(tmp_path: Path) -> None:
+    out = _boot_in_a_process(_EARLY_IMPORT, tmp_path)
     assert out.stdout.strip() == "[]"  # in memory: nothing the exposition server sees
     assert "imported before this process booted" in out.stderr
     assert f"PROMETHEUS_MULTIPROC_DIR={tmp_path}" in out.stderr
 
 
 def test_the_first_import_of_the_client_happens_at_boot(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if "multiproc_dir" not in k.lower()}
-    env["dramatiq_prom_db"] = str(tmp_path)
-    out = subprocess.run(
-        [sys.executable, "-c", _NATURAL_BOOT],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _boot_in_a_process(_NATURAL_BOOT, tmp_path)
     # Its files are in the directory, under its pid.
     assert re.fullmatch(r"\['counter_\d+\.db'\]", out.stdout.strip()), out.stdout
 

@@ -170,16 +170,8 @@ def _client() -> _Client:
         )
     except ImportError as error:
         raise ImportError(_MISSING, name="prometheus_client") from error
-    return _Client(
-        registry=CollectorRegistry,
-        counter=Counter,
-        gauge=Gauge,
-        histogram=Histogram,
-        content_type=CONTENT_TYPE_LATEST,
-        generate_latest=generate_latest,
-        multiprocess=multiprocess,
-        values=values,
-    )
+    kinds = (CollectorRegistry, Counter, Gauge, Histogram)
+    return _Client(*kinds, CONTENT_TYPE_LATEST, generate_latest, multiprocess, values)
 
 
 class Prometheus(Middleware):
