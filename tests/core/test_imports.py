@@ -253,3 +253,32 @@ if __name__ == "__main__":
     graph = import_graph()
     for cycle in cycles(graph):
         print(describe(graph, cycle))
+
+
+_FACADES = """
+import dq, dq.middleware, dq.results
+import dq.generic  # imports the submodule dq.actor
+assert callable(dq.actor) and dq.actor.__module__ == "dq.actor", dq.actor
+for package in (dq, dq.middleware, dq.results):
+    names = {}
+    exec(f"from {package.__name__} import *", names)
+    missing = [n for n in package.__all__ if n not in names]
+    assert not missing, (package.__name__, missing)
+    assert set(package.__all__) <= set(dir(package)), package.__name__
+    try:
+        package.no_such_name
+    except AttributeError as error:
+        assert str(error) == f"module {package.__name__!r} has no attribute 'no_such_name'"
+    else:
+        raise AssertionError(package.__name__)
+assert dq.middleware.Prometheus.__module__ == "dq.middleware.prometheus"
+assert dq.middleware.AsyncIO.__module__ == "dq.middleware.asyncio"
+print("ok")
+"""
+
+
+def test_the_packages_load_their_names_on_first_use() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FACADES], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "ok", done.stderr
