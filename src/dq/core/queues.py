@@ -44,11 +44,21 @@ def stored(
     Raises:
         InvalidValue: a delayed message's eta is one `policy.eta_problem` refuses.
     """
+    # The one place that pushes without `pushed`: every enqueue and retry runs it, and
+    # through `pushed` a StubBroker send took 3-4 % longer (best of 30 timings of
+    # 30,000 sends, 2 shared cores: 8.90 us against 8.58 us; inlined, as fast as before).
     target = message.queue_name
-    eta = message_eta_ms(message) if target.endswith(DELAY_SUFFIX) else None
-    row: Row = (seq, target, message.message_id, eta, payload)
-    queue, effect = pushed(queue, row, priority)
-    return queue, row, effect
+    if target.endswith(DELAY_SUFFIX):
+        row: Row = (seq, target, message.message_id, message_eta_ms(message), payload)
+        queue = QueueState(
+            queue.name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead
+        )
+        return queue, row, fx.PushDelayed(row)
+    row = (seq, target, message.message_id, None, payload)
+    queue = QueueState(
+        queue.name, queue.ready.push(row, priority), queue.delayed, queue.in_flight, queue.dead
+    )
+    return queue, row, fx.PushReady(row)
 
 
 def freed(queue: QueueState, count: int = 1) -> QueueState:
