@@ -8,10 +8,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
+from dq.async_actors import async_to_sync
 from dq.broker import _register_floating
 from dq.core import policy
 from dq.logging import get_logger
-from dq.message import Message, check_options
+from dq.message import Message
+from dq.options import check_options
 
 if TYPE_CHECKING:
     from dq.broker import Broker
@@ -66,10 +68,6 @@ class Actor(Generic[P, R]):
         #: event-loop thread (`dq.asyncio.async_to_sync`), as Dramatiq does.
         self.fn: Callable[P, R]
         if self.is_async:
-            # Imported here: asyncio is heavy, and a process without async actors
-            # (most workers) need not pay for it.
-            from dq.asyncio import async_to_sync  # noqa: PLC0415
-
             self.fn = async_to_sync(cast("Callable[P, Awaitable[R]]", fn))
         else:
             self.fn = cast("Callable[P, R]", fn)

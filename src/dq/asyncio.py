@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Generic, ParamSpec, TypeVar
+from collections.abc import Awaitable
+from typing import Generic, TypeVar
 
+from dq.async_actors import async_to_sync, get_event_loop_thread, set_event_loop_thread
 from dq.threading import Interrupt
 
 __all__ = [
@@ -37,56 +37,11 @@ __all__ = [
     "set_event_loop_thread",
 ]
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 #: How long (seconds) an interrupted thread waits for its cancelled coroutine, and
 #: how long `EventLoopThread.stop` waits for the tasks it cancels.
 _CANCEL_GRACE_S = 1.0
-
-_event_loop_thread: EventLoopThread | None = None
-
-
-def get_event_loop_thread() -> EventLoopThread | None:
-    """Return the process's event-loop thread, or None when none is set."""
-    return _event_loop_thread
-
-
-def set_event_loop_thread(thread: EventLoopThread | None) -> None:
-    """Install ``thread`` as the process's event-loop thread (None: remove it).
-
-    The AsyncIO middleware does this; call it yourself to run async actors outside a
-    `dq.Worker` (for example with `dq.runtime.Runner`).
-    """
-    global _event_loop_thread  # the process-global slot Dramatiq has
-    _event_loop_thread = thread
-
-
-def async_to_sync(async_fn: Callable[P, Awaitable[R]]) -> Callable[P, R]:
-    """Wrap a coroutine function into a function that runs it on the event-loop
-    thread and blocks the calling thread until it returns.
-
-    Args:
-        async_fn: the coroutine function (or any function returning an awaitable).
-
-    Returns:
-        A function with the same parameters that returns the awaited result. It
-        raises `RuntimeError` when no event-loop thread is set (add the AsyncIO
-        middleware), and re-raises whatever the coroutine raises.
-    """
-
-    @functools.wraps(async_fn)
-    def run_on_event_loop_thread(*args: P.args, **kwargs: P.kwargs) -> R:
-        thread = _event_loop_thread
-        if thread is None:
-            raise RuntimeError(
-                f"Cannot run {getattr(async_fn, '__qualname__', async_fn)!r}: no event-loop "
-                "thread is set. Have you added the AsyncIO middleware "
-                "(dq.middleware.AsyncIO) to your broker?"
-            )
-        return thread.run_coroutine(async_fn(*args, **kwargs))
-
-    return run_on_event_loop_thread
 
 
 class _Call(Generic[R]):

@@ -271,17 +271,14 @@ class Broker(abc.ABC):
     def get_results_backend(self) -> ResultBackend | None:
         """Return the backend of the first middleware that stores results, or None.
 
-        A middleware stores results when it exposes a ``results_backend`` attribute
-        holding a `dq.results.ResultBackend` (`dq.results.Results` does). dq returns
-        None where Dramatiq raises: the call that needs a backend raises a clear error.
+        A middleware stores results when its ``results_backend`` is not None
+        (`dq.results.Results`'s is its backend). dq returns None where Dramatiq
+        raises: the call that needs a backend raises a clear error.
         """
         for m in self.middleware:
-            backend = getattr(m, "results_backend", None)
+            backend = m.results_backend
             if backend is not None:
-                from dq.results.backend import ResultBackend  # noqa: PLC0415 - import cycle
-
-                if isinstance(backend, ResultBackend):
-                    return backend
+                return backend
         return None
 
     # -- to implement ------------------------------------------------------------------

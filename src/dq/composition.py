@@ -1,41 +1,28 @@
-"""Composition: pipelines (steps chained) and groups (messages run in parallel).
+"""Composition: pipelines (steps chained) and groups (messages run in parallel), and
+waiting for their results.
 
-Wire options (Dramatiq's, so Dramatiq workers run dq's pipelines and groups):
-
-- ``pipe_target``: on a pipeline step, the next step as a message dict;
-- ``group_completion_uuid`` and ``group_completion_callbacks``: on each group
-  member (a pipeline member: on its last message), the group's barrier key and the
-  callback message dicts the `GroupCallbacks` middleware enqueues when the barrier
-  clears.
-
-dq-only options (Dramatiq ignores them):
-
-- ``group_failure_callbacks``: on every message of every member, the callback
-  message dicts enqueued once when a member fails for good (see
-  `group.add_failure_callback`); the once-guard is the key
-  ``"<group_completion_uuid>@failed"`` in the rate-limiter backend.
-- ``pipe_group``: on the pipeline step before a group step, the group to run when
-  the step succeeds (`GroupSpec` as JSON).
-- ``group_pipe_target``: on each member (last message) of a group that is a pipeline
-  step, ``{"next": <next step's message dict or None>, "index": i, "size": n}``:
-  each member stores its result in the results backend under the key of
-  ``ResultRef(<group_completion_uuid>, "group", str(i))`` (TTL: the barrier's), and
-  the member that clears the barrier enqueues ``next`` with the list of the ``n``
-  results appended to its arguments.
+What they put on the wire, and how a group with callbacks is run, is
+`dq.group_wire`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
-
-import attrs
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from dq.broker import get_broker
-from dq.wire import deep_freeze
+from dq.group_wire import (
+    GroupSpec,
+    results_backend_of,
+    run_group,
+    with_group,
+    with_next,
+)
+from dq.middleware.current_message import CurrentMessage
+from dq.middleware.group_callbacks import GroupCallbacks
+from dq.results.errors import ResultFailure, ResultMissing
 
 if TYPE_CHECKING:
     from dq.broker import Broker
@@ -44,36 +31,6 @@ if TYPE_CHECKING:
     from dq.results.backend import ResultBackend
 
 __all__ = ["group", "pipeline"]
-
-#: The option names this module puts on the wire.
-COMPLETION_UUID = "group_completion_uuid"
-COMPLETION_CALLBACKS = "group_completion_callbacks"
-FAILURE_CALLBACKS = "group_failure_callbacks"
-PIPE_GROUP = "pipe_group"
-GROUP_PIPE_TARGET = "group_pipe_target"
-
-
-class GroupSpec(TypedDict):
-    """A group as a pipeline carries it (option ``pipe_group``), to be run later."""
-
-    #: Each member's first message, as a dict (a member pipeline's messages are
-    #: chained through ``pipe_target``).
-    children: list[dict[str, Any]]
-    completion_callbacks: list[dict[str, Any]]
-    failure_callbacks: list[dict[str, Any]]
-    #: The step after the group (a message dict), or None when the group is last.
-    next: dict[str, Any] | None
-    #: Whether the group is a pipeline step (its members hand their results on).
-    in_pipeline: bool
-
-
-@attrs.frozen
-class ResultRef:
-    """What a results backend needs to find a message's result."""
-
-    queue_name: str
-    actor_name: str
-    message_id: str
 
 
 class pipeline:
@@ -167,13 +124,12 @@ class pipeline:
         if any(isinstance(step, group) for step in self.steps):
             # Checked here, not when the worker reaches the group step.
             _group_callbacks_of(self.broker)
-            _backend_of(self.broker)
+            results_backend_of(self.broker)
         if isinstance(first, group):
             next_step = self.steps[1] if len(self.steps) > 1 else None
             assert not isinstance(next_step, group)  # checked in __init__
             spec = first._spec(None if next_step is None else next_step.asdict(), True)
-            backend, ttl = _group_callbacks_of(self.broker)
-            run_group_spec(self.broker, spec, backend, ttl, delay=delay)
+            _run_group(self.broker, first, spec, delay=delay)
             return self
         effective = max(delay or 0, first.options.get("delay") or 0) or None
         self.broker.enqueue(first, delay=effective)
@@ -198,7 +154,7 @@ class pipeline:
         last = self.steps[-1]
         if isinstance(last, group):
             return list(last._results(block=block, timeout=timeout))
-        return _backend_of(self.broker).get_result(last, block=block, timeout=timeout)
+        return results_backend_of(self.broker).get_result(last, block=block, timeout=timeout)
 
     def get_results(self, *, block: bool = False, timeout: int | None = None) -> Iterator[Any]:
         """Yield each step's result, in order (a list of results for a group step).
@@ -215,7 +171,7 @@ class pipeline:
         """
         if block:
             _refuse_blocking_in_actor("pipeline.get_results")
-        return self._results(_backend_of(self.broker), block=block, timeout=timeout)
+        return self._results(results_backend_of(self.broker), block=block, timeout=timeout)
 
     def _results(
         self, backend: ResultBackend, *, block: bool, timeout: int | None
@@ -346,8 +302,7 @@ class group:
                     child.run(delay=delay)
             return self
         _check_group_step(self)
-        backend, ttl = _group_callbacks_of(self.broker)
-        run_group_spec(self.broker, self._spec(None, False), backend, ttl, delay=delay)
+        _run_group(self.broker, self, self._spec(None, False), delay=delay)
         return self
 
     def _spec(self, next_step: dict[str, Any] | None, in_pipeline: bool) -> GroupSpec:
@@ -390,7 +345,7 @@ class group:
     def _results(self, *, block: bool, timeout: int | None) -> Iterator[Any]:
         """Check the backend now (not at the first ``next``), then return the
         results' generator."""
-        return self._iter_results(_backend_of(self.broker), block=block, timeout=timeout)
+        return self._iter_results(results_backend_of(self.broker), block=block, timeout=timeout)
 
     def _iter_results(
         self, backend: ResultBackend, *, block: bool, timeout: int | None
@@ -446,102 +401,17 @@ class group:
         return count
 
 
-# -- running a group with callbacks (client side, and GroupCallbacks for pipelines) ------
+# -- running a group with callbacks (client side) ---------------------------------------
 
 
-def run_group_spec(
-    broker: Broker,
-    spec: Mapping[str, Any],
-    rate_limiter_backend: RateLimiterBackend,
-    barrier_ttl: int,
-    *,
-    delay: int | None = None,
-    previous: tuple[Any] | None = None,
-    pipe_ignore: bool = False,
-) -> str:
-    """Run the group ``spec`` describes: create its barrier, tag its members, enqueue
-    them; return the barrier key.
-
-    Args:
-        broker: where to enqueue the members.
-        spec: a `GroupSpec` (or its frozen JSON form).
-        rate_limiter_backend: where the barrier lives.
-        barrier_ttl: the barrier's TTL, in ms.
-        delay: ms to delay every member by (a member pipeline's first message's own
-            ``delay`` option wins when larger, as in `pipeline.run`).
-        previous: ``(result,)`` of the pipeline step before the group, appended to
-            each member's first message's arguments (unless its ``pipe_ignore``
-            option, or ``pipe_ignore``, is truthy).
-        pipe_ignore: do not append ``previous`` to any member.
-
-    Raises:
-        RuntimeError: the group is a pipeline step and the broker has no results
-            backend (members hand their results on through it).
-    """
-    from dq.message import Message  # noqa: PLC0415 - dq.message imports this module
-    from dq.rate_limits import Barrier  # noqa: PLC0415
-    from dq.wire import message_from_data  # noqa: PLC0415
-
-    key = str(uuid.uuid4())
-    members = [_unchain(message_from_data(c, Message)) for c in spec["children"]]
-    completion = list(spec.get("completion_callbacks") or ())
-    failure = list(spec.get("failure_callbacks") or ())
-    next_step = spec.get("next")
-    in_pipeline = bool(spec.get("in_pipeline"))
-    if in_pipeline:
-        _backend_of(broker)
-    if completion or in_pipeline:
-        Barrier(rate_limiter_backend, key, ttl=barrier_ttl).create(len(members))
-    # Only the last message of a member pipeline says it belongs to the group (as
-    # Dramatiq), unless failure callbacks must hear of any step failing.
-    every_tags: dict[str, Any] = {}
-    if failure:
-        every_tags = {COMPLETION_UUID: key, FAILURE_CALLBACKS: failure}
-    firsts: list[tuple[Message[Any], int | None]] = []
-    for index, chain in enumerate(members):
-        last_tags = {**every_tags, COMPLETION_UUID: key}
-        if completion:
-            last_tags[COMPLETION_CALLBACKS] = completion
-        if in_pipeline:
-            last_tags[GROUP_PIPE_TARGET] = {"next": next_step, "index": index, "size": len(members)}
-        tagged = [
-            m.copy(options=last_tags if i == len(chain) - 1 else every_tags)
-            for i, m in enumerate(chain)
-        ]
-        if previous is not None and not pipe_ignore and not tagged[0].options.get("pipe_ignore"):
-            tagged[0] = tagged[0].copy(args=(*tagged[0].args, previous[0]))
-        linked = _link(tagged)
-        first = linked[0]
-        assert not isinstance(first, group)
-        own = first.options.get("delay") if len(chain) > 1 else None
-        firsts.append((first, max(delay or 0, own or 0) or None))
-    plain = [m for m, d in firsts if d == delay]
-    if plain:
-        broker.enqueue_many(plain, delay=delay)
-    for m, d in firsts:
-        if d != delay:
-            broker.enqueue(m, delay=d)
-    return key
-
-
-def _unchain(first: Message[Any]) -> list[Message[Any]]:
-    """Return the messages of the chain ``first`` starts (following ``pipe_target``).
-
-    Raises:
-        NotImplementedError: the chain holds a group step.
-    """
-    from dq.message import Message  # noqa: PLC0415
-    from dq.wire import message_from_data  # noqa: PLC0415
-
-    chain = [first]
-    while True:
-        options = chain[-1].options
-        if PIPE_GROUP in options:
-            raise NotImplementedError("a pipeline inside a group cannot hold a group step")
-        target = options.get("pipe_target")
-        if target is None:
-            return chain
-        chain.append(message_from_data(target, Message))
+def _run_group(broker: Broker, g: group, spec: GroupSpec, *, delay: int | None) -> None:
+    """Run ``g`` (checked by `_check_group_step`) with its callbacks, on ``broker``."""
+    members: list[Sequence[Message[Any]]] = []
+    for child in g.children:
+        assert not isinstance(child, group)  # _check_group_step
+        members.append(child.messages if isinstance(child, pipeline) else [child])
+    backend, ttl = _group_callbacks_of(broker)
+    run_group(broker, members, spec, backend, ttl, delay=delay)
 
 
 def _link(steps: Sequence[Message[Any] | group]) -> list[Message[Any] | group]:
@@ -557,11 +427,9 @@ def _link(steps: Sequence[Message[Any] | group]) -> list[Message[Any] | group]:
             following = linked[-2] if len(linked) > 1 else None
             assert not isinstance(following, group)
             spec = after._spec(None if following is None else following.asdict(), True)
-            bare = step.without_option("pipe_target")
-            linked.append(bare.copy(options={PIPE_GROUP: deep_freeze(dict(spec))}))
+            linked.append(with_group(step, spec))
         else:
-            bare = step.without_option(PIPE_GROUP)
-            linked.append(bare.copy(options={"pipe_target": deep_freeze(after.asdict())}))
+            linked.append(with_next(step, after))
     linked.reverse()
     return linked
 
@@ -581,8 +449,6 @@ def _check_group_step(g: group) -> None:
 
 
 def _group_callbacks_of(broker: Broker) -> tuple[RateLimiterBackend, int]:
-    from dq.middleware.group_callbacks import GroupCallbacks  # noqa: PLC0415
-
     for m in broker.middleware:
         if isinstance(m, GroupCallbacks):
             return m.rate_limiter_backend, m.barrier_ttl
@@ -596,23 +462,9 @@ def _group_callbacks_of(broker: Broker) -> tuple[RateLimiterBackend, int]:
 # -- results -----------------------------------------------------------------------------
 
 
-def _backend_of(broker: Broker) -> ResultBackend:
-    from dq.results.backend import ResultBackend  # noqa: PLC0415
-
-    backend = broker.get_results_backend()
-    if not isinstance(backend, ResultBackend):
-        raise RuntimeError(
-            "group and pipeline results need a results backend: add "
-            "dq.results.Results(backend=...) to the broker's middleware"
-        )
-    return backend
-
-
 def _has_result(broker: Broker, message: Message[Any]) -> bool:
-    from dq.results.errors import ResultFailure, ResultMissing  # noqa: PLC0415
-
     try:
-        _backend_of(broker).get_result(message)
+        results_backend_of(broker).get_result(message)
     except ResultMissing:
         return False
     except ResultFailure:
@@ -632,6 +484,12 @@ class _Deadline:
         return max(0, int((self._at - time.monotonic()) * 1000))
 
 
+#: The threads that run actors: `dq.worker.WorkerThread`, and the event-loop thread of
+#: async actors (`dq.asyncio`). Known by name: the worker imports `dq.message`, which
+#: imports this module, and `dq.asyncio` imports asyncio (several MB).
+_ACTOR_THREADS = frozenset({"WorkerThread", "EventLoopThread"})
+
+
 def _refuse_blocking_in_actor(what: str) -> None:
     """Raise if the calling thread is running an actor.
 
@@ -645,11 +503,11 @@ def _refuse_blocking_in_actor(what: str) -> None:
         RuntimeError: the caller is a worker thread, the event-loop thread of async
             actors, or runs inside an actor (`CurrentMessage` knows).
     """
-    from dq.middleware.current_message import CurrentMessage  # noqa: PLC0415
-    from dq.worker import WorkerThread  # noqa: PLC0415
-
     thread = threading.current_thread()
-    inside = isinstance(thread, WorkerThread) or type(thread).__name__ == "EventLoopThread"
+    inside = any(
+        cls.__module__.partition(".")[0] == "dq" and cls.__name__ in _ACTOR_THREADS
+        for cls in type(thread).__mro__
+    )
     if inside or CurrentMessage.get_current_message() is not None:
         raise RuntimeError(
             f"{what}(block=True) was called inside an actor: waiting there for other "
@@ -657,8 +515,3 @@ def _refuse_blocking_in_actor(what: str) -> None:
             "callback (group.add_completion_callback), or make the group a pipeline "
             "step, instead of waiting."
         )
-
-
-def member_result_ref(group_key: str, index: int) -> ResultRef:
-    """Return where member ``index`` of the group step ``group_key`` stores its result."""
-    return ResultRef(group_key, "group", str(index))

@@ -1,4 +1,10 @@
-"""`Message`: the public message type, and the process-global encoder."""
+"""`Message`: the public message type, and the process-global encoder.
+
+A message is the user's handle: ``a | b`` builds a pipeline and `Message.get_result`
+asks the global broker's results backend, so this module sits above `dq.broker` and
+`dq.composition`, which handle messages without importing it (a message decoded from
+a dict is built with the class of the message at hand).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,35 @@ from typing import TYPE_CHECKING, Any, Self
 import attrs
 
 from dq import runtime
-from dq.core import EMPTY, FrozenDict, policy
+from dq.broker import get_broker
+from dq.composition import pipeline
+from dq.core import EMPTY, FrozenDict
 from dq.core import Message as CoreMessage
 from dq.core._frozendict import freeze_options
 from dq.encoder import Encoder, JSONEncoder
+from dq.options import (  # defined here before dq.options existed
+    CHECKED_OPTIONS,
+    check_options,
+    option_problem,
+    options_problem,
+)
 from dq.wire import decode_message, encode_message
 
 if TYPE_CHECKING:
-    from dq.composition import group, pipeline
+    from dq.composition import group
     from dq.results.backend import ResultBackend
 
-__all__ = ["Message", "generate_unique_id", "get_encoder", "global_encoder", "set_encoder"]
+__all__ = [
+    "CHECKED_OPTIONS",
+    "Message",
+    "check_options",
+    "generate_unique_id",
+    "get_encoder",
+    "global_encoder",
+    "option_problem",
+    "options_problem",
+    "set_encoder",
+]
 
 # Defaults to Any, so a message built without a known actor is Message[Any]
 # (not Message[Never]).
@@ -152,9 +176,6 @@ class Message(CoreMessage[R_co]):
         Raises:
             RuntimeError: no global broker is set.
         """
-        # Imported here: dq.composition imports dq.broker, which imports this module.
-        from dq.composition import pipeline  # noqa: PLC0415
-
         return pipeline([self, other])
 
     def get_result(
@@ -181,13 +202,9 @@ class Message(CoreMessage[R_co]):
             ResultFailure: the actor failed for good; the error names its exception.
         """
         if backend is None:
-            # Imported here: dq.broker and dq.results import this module.
-            from dq.broker import get_broker  # noqa: PLC0415
-            from dq.results.backend import ResultBackend  # noqa: PLC0415
-
             broker = get_broker()
             found = broker.get_results_backend()
-            if not isinstance(found, ResultBackend):
+            if found is None:
                 raise RuntimeError(
                     f"The global broker ({type(broker).__name__}) has no results backend: "
                     "add one with broker.add_middleware(dq.results.Results(backend=...)), "
@@ -213,27 +230,3 @@ class Message(CoreMessage[R_co]):
 _SET: tuple[Callable[[object, Any], None], ...] = tuple(
     vars(CoreMessage)[name].__set__ for name in CoreMessage._fields
 )
-
-
-# -- option values at the boundary ---------------------------------------------------------
-
-#: The options whose values dq checks (`dq.core.policy.option_problem`).
-CHECKED_OPTIONS = policy.CHECKED_OPTIONS
-option_problem = policy.option_problem
-options_problem = policy.options_problem
-
-
-def check_options(options: Mapping[str, Any], *, what: str = "options") -> None:
-    """Refuse option values dq cannot honour (see `option_problem`).
-
-    Args:
-        options: message or actor options.
-        what: what they are, for the error (``"actor 'f' options"``...).
-
-    Raises:
-        ValueError: an option has a bad value; the error names the option, the value
-            and what was expected.
-    """
-    problem = options_problem(options)
-    if problem is not None:
-        raise ValueError(f"Invalid {what}: {problem}")

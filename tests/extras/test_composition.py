@@ -28,7 +28,6 @@ from dq.broker import Broker, MessageProxy
 from dq.brokers.redis import RedisBroker
 from dq.brokers.stub import StubBroker
 from dq.middleware import GroupCallbacks, Retries
-from dq.middleware import group_callbacks as group_callbacks_module
 from dq.rate_limits import RateLimiterBackend
 from dq.rate_limits.backends import MemcachedBackend as RLMemcached
 from dq.rate_limits.backends import RedisBackend as RLRedis
@@ -606,19 +605,6 @@ def test_group_callbacks_attributes_and_env_override(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("dramatiq_group_callback_barrier_ttl", "soon")
     with pytest.warns(FutureWarning), pytest.raises(ValueError, match="got 'soon'"):
         GroupCallbacks(backend)
-
-
-def test_option_names_agree() -> None:
-    from dq import composition
-
-    for name in (
-        "COMPLETION_UUID",
-        "COMPLETION_CALLBACKS",
-        "FAILURE_CALLBACKS",
-        "PIPE_GROUP",
-        "GROUP_PIPE_TARGET",
-    ):
-        assert getattr(composition, name) == getattr(group_callbacks_module, name)
 
 
 def test_barrier_keys_are_dramatiqs(stub_stack: Stack) -> None:

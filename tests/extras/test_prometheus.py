@@ -80,17 +80,18 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def prom_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh multiprocess directory for the middleware (restored afterwards).
 
-    ``prometheus_client`` is already imported here (without a multiprocess directory),
-    so the middleware switches it to per-process files at boot: resetting its storage
-    to the in-memory one makes each test's boot open files in its own directory.
+    ``prometheus_client`` is already imported here, so its storage is set as if it had
+    been imported with the multiprocess directory variable set (as it is in a worker,
+    where the middleware sets it at boot): a fresh per-process storage, whose files
+    each test's boot opens in its own directory.
     """
     monkeypatch.setattr(prometheus, "DB_PATH", str(tmp_path))
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setenv("prometheus_multiproc_dir", str(tmp_path))
-    monkeypatch.setattr(values, "ValueClass", values.MutexValue)
+    storage = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    monkeypatch.setattr(values, "ValueClass", storage)
     yield tmp_path
-    if getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass.close_all_files()
+    storage.close_all_files()
 
 
 @pytest.fixture
@@ -392,17 +393,42 @@ print(sorted(os.listdir(os.environ["dramatiq_prom_db"])))
 """
 
 
-def test_the_first_import_of_the_client_happens_at_boot(tmp_path: Path) -> None:
+_EARLY_IMPORT = """
+import os, sys
+import prometheus_client  # before boot, without a multiprocess directory
+from dq.brokers.stub import StubBroker
+from dq.middleware.prometheus import Prometheus
+middleware = Prometheus()
+broker = StubBroker(middleware=[middleware])
+broker.emit_after("process_boot")
+from prometheus_client import values
+assert values.ValueClass is values.MutexValue  # dq changes nothing of the library
+middleware.total_messages.labels("q", "a").inc()
+print(sorted(os.listdir(os.environ["dramatiq_prom_db"])))
+"""
+
+
+def _boot_in_a_process(code: str, db: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter, with no multiprocess directory variable and
+    ``db`` as the middleware's directory."""
     env = {k: v for k, v in os.environ.items() if "multiproc_dir" not in k.lower()}
-    env["dramatiq_prom_db"] = str(tmp_path)
+    env["dramatiq_prom_db"] = str(db)
     out = subprocess.run(
-        [sys.executable, "-c", _NATURAL_BOOT],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_a_client_imported_before_boot_is_left_alone_and_named(tmp_path: Path) -> None:
+    out = _boot_in_a_process(_EARLY_IMPORT, tmp_path)
+    assert out.stdout.strip() == "[]"  # in memory: nothing the exposition server sees
+    assert "imported before this process booted" in out.stderr
+    assert f"PROMETHEUS_MULTIPROC_DIR={tmp_path}" in out.stderr
+
+
+def test_the_first_import_of_the_client_happens_at_boot(tmp_path: Path) -> None:
+    out = _boot_in_a_process(_NATURAL_BOOT, tmp_path)
     # Its files are in the directory, under its pid.
     assert re.fullmatch(r"\['counter_\d+\.db'\]", out.stdout.strip()), out.stdout
 

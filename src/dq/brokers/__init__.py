@@ -7,11 +7,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
-if TYPE_CHECKING:
-    from dq.broker import Broker
+from dq.broker import Broker
 
 __all__ = ["SCHEMES", "from_url"]
 
@@ -60,7 +59,5 @@ def from_url(url: str, **options: Any) -> Broker:
         ) from e
     broker_class: Any = getattr(module, class_name)  # its own constructor
     made = broker_class(path, **options) if path else broker_class(url=url, **options)
-    from dq.broker import Broker  # noqa: PLC0415 - dq.broker imports this package's users
-
     assert isinstance(made, Broker)
     return made

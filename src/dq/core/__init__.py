@@ -29,7 +29,7 @@ from dq.core.commands import (
     Start,
 )
 from dq.core.errors import CoreError, InvalidTransition, InvalidValue
-from dq.core.machine import TRANSITIONS, Status, Step, apply, status_of
+from dq.core.machine import TRANSITIONS, Step, apply
 from dq.core.persistent import PQueue, empty_queue
 from dq.core.records import (
     JSON,
@@ -44,6 +44,7 @@ from dq.core.records import (
     Run,
     initial_state,
 )
+from dq.core.subjects import Status, status_of
 
 __all__ = [
     "EMPTY",

@@ -7,6 +7,7 @@ but every mutating method raises ``TypeError``: a frozen message really is froze
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any, Never, NoReturn, TypeVar
 
@@ -71,8 +72,6 @@ class FrozenDict(dict[K, V]):
         return self
 
     def __deepcopy__(self, memo: dict[int, object]) -> FrozenDict[K, V]:
-        import copy  # noqa: PLC0415 - rare path, keep module import light
-
         return type(self)(copy.deepcopy(dict(self), memo))
 
     def __or__(self, other: Mapping[K, V]) -> FrozenDict[K, V]:  # type: ignore[override]  # returns a FrozenDict

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dq.core.commands import Command
-    from dq.core.machine import Status
+    from dq.core.subjects import Status
 
 
 class CoreError(Exception):

@@ -63,59 +63,48 @@ DECLARED; an entry is RESERVED (taken from ``q``), HELD (taken from ``q.DQ``) or
 UNRESERVED (waiting, settled, flushed or never stored: nothing may settle it); the
 broker itself is always OPEN. A ``q.XQ`` name is a DEAD_LETTER_QUEUE: no command
 addresses one directly (dead letters are made by Nack and dropped by Flush).
+
+What each command addresses is `dq.core.subjects`; how one queue's state changes,
+`dq.core.queues`. Read-only questions about a state (`pending`, `waiting`…) are
+`dq.core.queries`, and `holding` (a state slice for a server's recovery) is
+`dq.core.slices`; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import attrs
-from rpds import HashTrieMap
 
 from dq.core import commands as c
 from dq.core import effects as fx
 from dq.core import events as ev
 from dq.core.errors import InvalidTransition
-from dq.core.persistent import PQueue, empty_queue
+from dq.core.persistent import PQueue
 from dq.core.policy import (
     DEAD_SUFFIX,
     DELAY_SUFFIX,
     deliveries_after_death,
     lease_expired,
-    message_eta_ms,
     over_delivery_cap,
     q_name,
     xq_name,
 )
+from dq.core.queries import dead_letters, deliveries_of, held_by, pending, waiting
+from dq.core.queues import dead_lettered, flushed, freed, pushed, stored
 from dq.core.records import (
     BrokerState,
     DeadLetter,
     DeathReason,
     Entry,
-    Message,
     QueueState,
     Reservation,
     Row,
     Run,
 )
-
-
-class Status(enum.Enum):
-    """The state of a command's subject."""
-
-    UNDECLARED = "undeclared"  # queue
-    DECLARED = "declared"  # queue
-    DEAD_LETTER_QUEUE = "dead-letter queue"  # a q.XQ name: nothing is done *on* it
-    RESERVED = "reserved"  # entry taken from a canonical queue
-    HELD = "held"  # entry taken from a delay queue
-    UNRESERVED = "unreserved"  # entry nobody holds
-    OPEN = "open"  # the broker
-
-    # Members are singletons: identity hashing is correct and much cheaper than
-    # Enum's name-based hash (every apply looks a (status, type) pair up).
-    __hash__ = object.__hash__
+from dq.core.slices import holding
+from dq.core.subjects import SUBJECT, Status, status_of
 
 
 @attrs.frozen
@@ -134,79 +123,6 @@ class Step:
 
 
 Handler = Callable[[BrokerState, Any], Step]
-
-# -- subject status --------------------------------------------------------------
-
-
-def _queue_status(state: BrokerState, queue_name: str) -> Status:
-    if queue_name in state.queues:  # a declared canonical name: the common case
-        return Status.DECLARED
-    if queue_name.endswith(DEAD_SUFFIX):
-        return Status.DEAD_LETTER_QUEUE
-    return Status.DECLARED if q_name(queue_name) in state.queues else Status.UNDECLARED
-
-
-def _entry_status(state: BrokerState, seq: int) -> Status:
-    reservation = state.reserved.get(seq)
-    if reservation is None:
-        return Status.UNRESERVED
-    if reservation.entry.queue_name.endswith(DELAY_SUFFIX):
-        return Status.HELD
-    return Status.RESERVED
-
-
-def _subject_entry_status(state: BrokerState, command: Any) -> Status:
-    """`_entry_status` of an entry command's ``seq`` (one call less per settle)."""
-    reservation = state.reserved.get(command.seq)
-    if reservation is None:
-        return Status.UNRESERVED
-    if reservation.entry.queue_name.endswith(DELAY_SUFFIX):
-        return Status.HELD
-    return Status.RESERVED
-
-
-def _subject_entries_status(state: BrokerState, command: c.AckMany) -> Status:
-    """The status of a batch of entries: UNRESERVED if one is not reserved, is named
-    twice, or there is none; else HELD if every one is held; else RESERVED."""
-    seqs = command.seqs
-    if not seqs or len(frozenset(seqs)) != len(seqs):
-        return Status.UNRESERVED
-    get = state.reserved.get
-    held = True
-    for seq in seqs:
-        reservation = get(seq)
-        if reservation is None:
-            return Status.UNRESERVED
-        if held and not reservation.entry.queue_name.endswith(DELAY_SUFFIX):
-            held = False
-    return Status.HELD if held else Status.RESERVED
-
-
-_SUBJECT: dict[type[c.Command], Callable[[BrokerState, Any], Status]] = {
-    c.DeclareQueue: lambda s, cmd: _queue_status(s, cmd.queue_name),
-    c.Enqueue: lambda s, cmd: _queue_status(s, cmd.message.queue_name),
-    c.Reserve: lambda s, cmd: _queue_status(s, cmd.queue_name),
-    c.Flush: lambda s, cmd: _queue_status(s, cmd.queue_name),
-    c.Ack: _subject_entry_status,
-    c.AckMany: _subject_entries_status,
-    c.Nack: _subject_entry_status,
-    c.Requeue: _subject_entry_status,
-    c.Promote: _subject_entry_status,
-    c.Replace: _subject_entry_status,
-    c.Start: _subject_entry_status,
-    c.ExpireDeadLetters: lambda s, cmd: _queue_status(s, cmd.queue_name),
-    c.FlushAll: lambda s, cmd: Status.OPEN,
-    c.Release: lambda s, cmd: Status.OPEN,
-    c.Recover: lambda s, cmd: Status.OPEN,
-    c.Renew: lambda s, cmd: Status.OPEN,
-    c.ExpireLeases: lambda s, cmd: Status.OPEN,
-}
-
-
-def status_of(state: BrokerState, command: c.Command) -> Status:
-    """Return the status of the subject ``command`` addresses in ``state``."""
-    return _SUBJECT[type(command)](state, command)
-
 
 # -- handlers --------------------------------------------------------------------
 
@@ -229,38 +145,11 @@ def _already_declared(state: BrokerState, command: c.DeclareQueue) -> Step:
     return Step(state)
 
 
-def _stored(
-    queue: QueueState, seq: int, message: Message[object], payload: bytes, priority: int
-) -> tuple[QueueState, Row, fx.Effect]:
-    """Return ``queue`` with ``message`` stored under ``seq`` at the tail of its queue
-    (its delay queue, with its eta, when it is addressed there), the row, and the
-    effect that stores it.
-
-    Raises:
-        InvalidValue: a delayed message's eta is one `policy.eta_problem` refuses.
-    """
-    target = message.queue_name
-    if target.endswith(DELAY_SUFFIX):
-        row: Row = (seq, target, message.message_id, message_eta_ms(message), payload)
-        queue = QueueState(
-            queue.name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead
-        )
-        return queue, row, fx.PushDelayed(row)
-    row = (seq, target, message.message_id, None, payload)
-    queue = QueueState(
-        queue.name, queue.ready.push(row, priority), queue.delayed, queue.in_flight, queue.dead
-    )
-    return queue, row, fx.PushReady(row)
-
-
 def _enqueue(state: BrokerState, command: c.Enqueue) -> Step:
     message = command.message
-    queue_name = message.queue_name
-    name = queue_name[:-3] if queue_name.endswith(DELAY_SUFFIX) else queue_name
+    name = q_name(message.queue_name)
     seq = state.next_seq
-    queue, row, effect = _stored(
-        state.queues[name], seq, message, command.payload, command.priority
-    )
+    queue, row, effect = stored(state.queues[name], seq, message, command.payload, command.priority)
     return Step(
         BrokerState(state.queues.insert(name, queue), state.reserved, seq + 1, state.deliveries),
         (effect,),
@@ -280,7 +169,7 @@ def _reserve(state: BrokerState, command: c.Reserve) -> Step:
     # read directly on the hot path): each reservation keeps its row's priority.
     if waiting._bands:
         ranked, waiting = waiting.take_ranked(command.limit)
-        entries = tuple([Entry(*row) for _, row in ranked])
+        entries = tuple([Entry.from_row(row) for _, row in ranked])
         reserved = state.reserved.update(
             {
                 entry.seq: Reservation(entry, consumer, lease, Run.WAITING, rank)
@@ -289,7 +178,7 @@ def _reserve(state: BrokerState, command: c.Reserve) -> Step:
         )
     else:
         rows, waiting = waiting.take(command.limit)
-        entries = tuple([Entry(*row) for row in rows])  # Entry.from_row, inlined
+        entries = tuple([Entry.from_row(row) for row in rows])
         reserved = state.reserved.update(
             {entry.seq: Reservation(entry, consumer, lease) for entry in entries}
         )
@@ -308,28 +197,21 @@ def _reserve(state: BrokerState, command: c.Reserve) -> Step:
 def _settle(state: BrokerState, seq: int) -> tuple[Entry, QueueState]:
     """Return a reserved entry and its queue with the reservation's in-flight slot freed."""
     entry = state.reserved[seq].entry
-    queue = state.queues[q_name(entry.queue_name)]
-    return entry, QueueState(
-        queue.name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead
-    )
+    return entry, freed(state.queues[q_name(entry.queue_name)])
 
 
 def _ack(state: BrokerState, command: c.Ack) -> Step:
-    # _settle, inlined: the hottest transition.
     seq = command.seq
-    entry = state.reserved[seq].entry
-    name = entry.queue_name
-    if name.endswith(DELAY_SUFFIX):  # reserved entries come from q or q.DQ
-        name = name[:-3]
-    queues = state.queues
-    queue = queues[name]
-    queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
+    entry, queue = _settle(state, seq)
     deliveries = state.deliveries
     if deliveries:  # empty unless a consumer died holding something
         deliveries = deliveries.discard(seq)
     return Step(
         BrokerState(
-            queues.insert(name, queue), state.reserved.remove(seq), state.next_seq, deliveries
+            state.queues.insert(queue.name, queue),
+            state.reserved.remove(seq),
+            state.next_seq,
+            deliveries,
         ),
         (fx.Forget(entry),),
         (ev.Acked(entry),),
@@ -346,19 +228,13 @@ def _ack_many(state: BrokerState, command: c.AckMany) -> Step:
     for seq in command.seqs:
         entry = reserved[seq].entry
         reserved = reserved.remove(seq)
-        name = entry.queue_name
-        if name.endswith(DELAY_SUFFIX):
-            name = name[:-3]
+        name = q_name(entry.queue_name)
         settled[name] = settled.get(name, 0) + 1
         effects.append(forget(entry))
         events.append(acked(entry))
     queues = state.queues
     for name, count in settled.items():
-        queue = queues[name]
-        queues = queues.insert(
-            name,
-            QueueState(name, queue.ready, queue.delayed, queue.in_flight - count, queue.dead),
-        )
+        queues = queues.insert(name, freed(queues[name], count))
     deliveries = state.deliveries
     if deliveries:
         for seq in command.seqs:
@@ -371,13 +247,7 @@ def _ack_many(state: BrokerState, command: c.AckMany) -> Step:
 def _nack(state: BrokerState, command: c.Nack) -> Step:
     entry, queue = _settle(state, command.seq)
     reason = command.reason
-    queue = QueueState(
-        queue.name,
-        queue.ready,
-        queue.delayed,
-        queue.in_flight,
-        queue.dead.push(DeadLetter(entry, command.now_ms, reason)),
-    )
+    queue = dead_lettered(queue, DeadLetter(entry, command.now_ms, reason))
     return Step(
         BrokerState(
             state.queues.insert(queue.name, queue),
@@ -390,30 +260,9 @@ def _nack(state: BrokerState, command: c.Nack) -> Step:
     )
 
 
-def _pushed_back(
-    queue: QueueState, entry: Entry, priority: int = 0
-) -> tuple[QueueState, fx.Effect]:
-    """Return ``queue`` with a settled-unprocessed entry at the tail of its list (of
-    its priority's entries)."""
-    row = entry.row
-    if entry.queue_name.endswith(DELAY_SUFFIX):
-        return (
-            QueueState(
-                queue.name, queue.ready, queue.delayed.push(row), queue.in_flight, queue.dead
-            ),
-            fx.PushDelayed(row),
-        )
-    return (
-        QueueState(
-            queue.name, queue.ready.push(row, priority), queue.delayed, queue.in_flight, queue.dead
-        ),
-        fx.PushReady(row),
-    )
-
-
 def _requeue(state: BrokerState, command: c.Requeue) -> Step:
     entry, queue = _settle(state, command.seq)
-    queue, effect = _pushed_back(queue, entry, state.reserved[command.seq].priority)
+    queue, effect = pushed(queue, entry.row, state.reserved[command.seq].priority)
     return Step(
         BrokerState(
             state.queues.insert(queue.name, queue),
@@ -474,7 +323,7 @@ def _replace(state: BrokerState, command: c.Replace) -> Step:
             f"{queue.name + DELAY_SUFFIX!r}, not {target!r}",
         )
     seq = state.next_seq
-    queue, row, effect = _stored(queue, seq, message, command.payload, command.priority)
+    queue, row, effect = stored(queue, seq, message, command.payload, command.priority)
     return Step(
         BrokerState(
             state.queues.insert(queue.name, queue),
@@ -484,7 +333,7 @@ def _replace(state: BrokerState, command: c.Replace) -> Step:
         ),
         # Store the replacement first, then forget the original.
         (effect, fx.Forget(old)),
-        (ev.Replaced(old, Entry(*row)),),
+        (ev.Replaced(old, Entry.from_row(row)),),
     )
 
 
@@ -503,23 +352,8 @@ def _start(state: BrokerState, command: c.Start) -> Step:
     )
 
 
-def _flushed(
-    queue: QueueState, deliveries: HashTrieMap[int, int]
-) -> tuple[QueueState, int, HashTrieMap[int, int]]:
-    """Return ``queue`` without its waiting entries and dead letters, how many were
-    dropped, and ``deliveries`` without the counts of the dropped entries."""
-    dropped = len(queue.ready) + len(queue.delayed) + len(queue.dead)
-    if deliveries:
-        for row in (*queue.ready, *queue.delayed):
-            deliveries = deliveries.discard(row[0])
-    empty: PQueue[Any] = empty_queue()
-    return QueueState(queue.name, empty, empty, queue.in_flight, empty), dropped, deliveries
-
-
 def _flush(state: BrokerState, command: c.Flush) -> Step:
-    queue, dropped, deliveries = _flushed(
-        state.queues[q_name(command.queue_name)], state.deliveries
-    )
+    queue, dropped, deliveries = flushed(state.queues[q_name(command.queue_name)], state.deliveries)
     return Step(
         BrokerState(
             state.queues.insert(queue.name, queue), state.reserved, state.next_seq, deliveries
@@ -534,7 +368,7 @@ def _flush_all(state: BrokerState, command: c.FlushAll) -> Step:
     effects: list[fx.Effect] = []
     events: list[ev.Event] = []
     for name in sorted(state.queues.keys()):
-        queue, dropped, deliveries = _flushed(state.queues[name], deliveries)
+        queue, dropped, deliveries = flushed(state.queues[name], deliveries)
         queues = queues.insert(name, queue)
         effects.append(fx.Purge(name))
         events.append(ev.Flushed(name, dropped))
@@ -570,9 +404,7 @@ def _release(state: BrokerState, command: c.Release) -> Step:
     for reservation in held_by(state, command.consumer):
         entry = reservation.entry
         name = q_name(entry.queue_name)
-        queue = queues[name]
-        queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
-        queue, effect = _pushed_back(queue, entry, reservation.priority)
+        queue, effect = pushed(freed(queues[name]), entry.row, reservation.priority)
         queues = queues.insert(name, queue)
         reserved = reserved.remove(entry.seq)
         effects.append(effect)
@@ -597,30 +429,23 @@ def _recovered(
         entry = reservation.entry
         seq = entry.seq
         name = q_name(entry.queue_name)
-        queue = queues[name]
-        queue = QueueState(name, queue.ready, queue.delayed, queue.in_flight - 1, queue.dead)
+        queue = freed(queues[name])
         reserved = reserved.remove(seq)
         if entry.queue_name.endswith(DELAY_SUFFIX):
             # A held delayed message never runs: its holder's death is not its doing.
-            queue, effect = _pushed_back(queue, entry)
+            queue, effect = pushed(queue, entry.row)
             effects.append(effect)
             events.append(ev.Recovered(entry, deliveries.get(seq, 0)))
         else:
             count = deliveries_after_death(deliveries.get(seq, 0), reservation.run)
             if over_delivery_cap(count, max_deliveries):
                 reason = DeathReason.MAX_DELIVERIES
-                queue = QueueState(
-                    name,
-                    queue.ready,
-                    queue.delayed,
-                    queue.in_flight,
-                    queue.dead.push(DeadLetter(entry, now_ms, reason)),
-                )
+                queue = dead_lettered(queue, DeadLetter(entry, now_ms, reason))
                 deliveries = deliveries.discard(seq)
                 effects.append(fx.DeadLetter(entry, xq_name(name), now_ms, reason))
                 events.append(ev.DeadLettered(entry, count, reason))
             else:
-                queue, effect = _pushed_back(queue, entry, reservation.priority)
+                queue, effect = pushed(queue, entry.row, reservation.priority)
                 deliveries = deliveries.insert(seq, count)
                 # The count is recorded first: the entry is never back without it.
                 effects.append(fx.CountDeliveries(entry, count))
@@ -697,10 +522,10 @@ _BY_TYPE: dict[
     type[c.Command], tuple[Callable[[BrokerState, Any], Status], dict[Status, Handler]]
 ] = {
     kind: (
-        _SUBJECT[kind],
+        SUBJECT[kind],
         {status: handler for (status, k), handler in TRANSITIONS.items() if k is kind},
     )
-    for kind in _SUBJECT
+    for kind in SUBJECT
 }
 
 
@@ -722,69 +547,6 @@ def apply(state: BrokerState, command: c.Command) -> Step:
     if handler is None:
         raise InvalidTransition(status, command)
     return handler(state, command)
-
-
-# -- queries (pure, read-only) ----------------------------------------------------
-
-
-def pending(state: BrokerState, queue_name: str) -> int:
-    """Return how many entries of a queue (and its delay queue) are unfinished."""
-    queue = state.queues.get(q_name(queue_name))
-    return 0 if queue is None else queue.pending
-
-
-def waiting(state: BrokerState, queue_name: str) -> tuple[Entry, ...]:
-    """Return the entries waiting on ``queue_name`` (``q`` or ``q.DQ``), oldest first."""
-    queue = state.queues.get(q_name(queue_name))
-    if queue is None:
-        return ()
-    rows = queue.delayed if queue_name.endswith(DELAY_SUFFIX) else queue.ready
-    return tuple(Entry.from_row(row) for row in rows)
-
-
-def holding(
-    reservations: Iterable[Reservation], deliveries: Mapping[int, int] | None = None
-) -> BrokerState:
-    """Return the state in which ``reservations`` are held and nothing else is stored.
-
-    A server-backed interpreter asks the core about a slice of the server's state with
-    it: what becomes of what a dead consumer held (`Recover`), of lapsed leases
-    (`ExpireLeases`). The entries' ``seq`` are the interpreter's own handles (distinct,
-    > 0); ``deliveries`` gives their counts (counts of 0 are left out).
-    """
-    held = {r.entry.seq: r for r in reservations}
-    in_flight: dict[str, int] = {}
-    for reservation in held.values():
-        name = q_name(reservation.entry.queue_name)
-        in_flight[name] = in_flight.get(name, 0) + 1
-    counts = {seq: n for seq, n in (deliveries or {}).items() if n and seq in held}
-    return BrokerState(
-        HashTrieMap({name: QueueState(name, in_flight=n) for name, n in in_flight.items()}),
-        HashTrieMap(held),
-        max(held, default=0) + 1,
-        HashTrieMap(counts),
-    )
-
-
-def deliveries_of(state: BrokerState, seq: int) -> int:
-    """Return how many deliveries of entry ``seq`` were cut short by a death."""
-    return state.deliveries.get(seq, 0)
-
-
-def dead_letters(state: BrokerState, queue_name: str) -> tuple[DeadLetter, ...]:
-    """Return the dead letters of a queue, oldest first."""
-    queue = state.queues.get(q_name(queue_name))
-    return () if queue is None else tuple(queue.dead)
-
-
-def held_by(state: BrokerState, consumer: str) -> tuple[Reservation, ...]:
-    """Return the reservations ``consumer`` holds, oldest entry first."""
-    return tuple(
-        sorted(
-            (r for r in state.reserved.values() if r.consumer == consumer),
-            key=lambda r: r.entry.seq,
-        )
-    )
 
 
 __all__ = [

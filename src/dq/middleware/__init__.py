@@ -3,8 +3,9 @@ default stack."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from dq import _lazy_exports
 from dq.middleware.age_limit import AgeLimit
 from dq.middleware.callbacks import Callbacks
 from dq.middleware.current_message import CurrentMessage
@@ -55,23 +56,13 @@ default_middleware: list[type[Middleware]] = [
 ]
 
 
-if not TYPE_CHECKING:  # mypy sees the import above, so a typo is still an error
-
-    def __getattr__(name: str) -> Any:
-        """Resolve ``AsyncIO`` and ``Prometheus`` on first use.
-
-        ``Prometheus`` is a dq addition (Dramatiq has it only in
-        ``dramatiq.middleware.prometheus``): importing its module creates the metrics
-        directory, so ``import dq.middleware`` does not; it is not in ``__all__``.
-        """
-        if name == "Prometheus":
-            from dq.middleware.prometheus import Prometheus  # noqa: PLC0415
-
-            return Prometheus
-        if name == "AsyncIO":
-            # On first use: it imports asyncio (several MB), which a worker without
-            # async actors never needs.
-            from dq.middleware.asyncio import AsyncIO  # noqa: PLC0415
-
-            return AsyncIO
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # type checkers read the imports above
+    # ``Prometheus`` is a dq addition (Dramatiq has it only in
+    # ``dramatiq.middleware.prometheus``): importing its module creates the metrics
+    # directory, so ``import dq.middleware`` does not; it is not in ``__all__``.
+    # ``AsyncIO`` imports asyncio (several MB), which a worker without async actors
+    # never needs.
+    __getattr__, __dir__ = _lazy_exports(
+        __name__,
+        {"AsyncIO": "dq.middleware.asyncio", "Prometheus": "dq.middleware.prometheus"},
+    )

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 from dq import runtime
 from dq.core import policy
 from dq.logging import get_logger
-from dq.message import check_options
 from dq.middleware.middleware import Middleware, SkipMessage
+from dq.options import check_options
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

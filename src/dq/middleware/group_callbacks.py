@@ -8,23 +8,29 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dq.errors import ActorNotFound, DecodeError, QueueNotFound
+from dq.group_wire import (
+    COMPLETION_CALLBACKS,
+    COMPLETION_UUID,
+    FAILURE_CALLBACKS,
+    GROUP_PIPE_TARGET,
+    PIPE_GROUP,
+    member_result_ref,
+    results_backend_of,
+    run_group,
+    unchain,
+)
 from dq.logging import get_logger
 from dq.middleware.middleware import Middleware
 from dq.rate_limits import Barrier
+from dq.results.errors import ResultMissing
+from dq.wire import message_from_data
 
 if TYPE_CHECKING:
     from dq.broker import Broker, MessageProxy
+    from dq.message import Message
     from dq.rate_limits import RateLimiterBackend
 
 __all__ = ["GroupCallbacks"]
-
-# The option names of dq.composition (which imports dq.broker, which imports this
-# package: so they are repeated here, and a test checks they agree).
-COMPLETION_UUID = "group_completion_uuid"
-COMPLETION_CALLBACKS = "group_completion_callbacks"
-FAILURE_CALLBACKS = "group_failure_callbacks"
-PIPE_GROUP = "pipe_group"
-GROUP_PIPE_TARGET = "group_pipe_target"
 
 #: Enqueue failures that trying again cannot fix.
 _PERMANENT = (
@@ -112,21 +118,18 @@ class GroupCallbacks(Middleware):
         handoff = options.get(GROUP_PIPE_TARGET)
         if not callbacks and handoff is None:
             return
-        from dq.composition import member_result_ref  # noqa: PLC0415 - see the top
-        from dq.results.errors import ResultMissing  # noqa: PLC0415
-
         try:
             if handoff is not None:
                 # Stored before this member counts itself in, so whoever clears the
                 # barrier finds every member's result.
                 ref = member_result_ref(key, handoff["index"])
-                _results_backend(broker).store_result(ref, result, self.barrier_ttl)
+                results_backend_of(broker).store_result(ref, result, self.barrier_ttl)
             barrier = Barrier(self.rate_limiter_backend, key, ttl=self.barrier_ttl)
             if not barrier.wait(block=False):
                 return
-            self._enqueue_all(broker, callbacks or ())
+            self._enqueue_all(broker, message, callbacks or ())
             if handoff is not None and handoff.get("next") is not None:
-                self._enqueue_next(broker, key, handoff)
+                self._enqueue_next(broker, message, key, handoff)
         except (*_PERMANENT, ResultMissing):
             self.logger.exception(
                 "Cannot run the group callbacks of message %r; dropping them.",
@@ -147,7 +150,7 @@ class GroupCallbacks(Middleware):
             return
         try:
             if self.rate_limiter_backend.add(f"{key}@failed", 1, self.barrier_ttl):
-                self._enqueue_all(broker, callbacks)
+                self._enqueue_all(broker, message, callbacks)
         except Exception:
             # The message is already dead-lettered: nothing can be redelivered.
             self.logger.exception(
@@ -158,12 +161,13 @@ class GroupCallbacks(Middleware):
     def _run_group_step(
         self, broker: Broker, message: MessageProxy, spec: Mapping[str, Any], result: Any
     ) -> None:
-        from dq.composition import run_group_spec  # noqa: PLC0415 - see the top
-
         try:
             actor = broker.get_actor(message.actor_name)
-            run_group_spec(
+            # Built with the class of the message that ran (see `_messages`).
+            members = [unchain(m) for m in _messages(message, spec["children"])]
+            run_group(
                 broker,
+                members,
                 spec,
                 self.rate_limiter_backend,
                 self.barrier_ttl,
@@ -182,39 +186,33 @@ class GroupCallbacks(Middleware):
             )
             message.redeliver()
 
-    def _enqueue_next(self, broker: Broker, key: str, handoff: Mapping[str, Any]) -> None:
-        from dq.composition import member_result_ref  # noqa: PLC0415 - see the top
-        from dq.message import Message  # noqa: PLC0415 - dq.message imports dq.middleware
-        from dq.wire import message_from_data  # noqa: PLC0415
-
-        backend = _results_backend(broker)
+    def _enqueue_next(
+        self, broker: Broker, message: MessageProxy, key: str, handoff: Mapping[str, Any]
+    ) -> None:
+        backend = results_backend_of(broker)
         size = handoff["size"]
         results = [backend.get_result(member_result_ref(key, i)) for i in range(size)]
-        next_message: Message[Any] = message_from_data(handoff["next"], Message)
+        (next_message,) = _messages(message, [handoff["next"]])
         if not next_message.options.get("pipe_ignore"):
             next_message = next_message.copy(args=(*next_message.args, results))
         broker.enqueue(next_message, delay=next_message.options.get("delay"))
 
-    def _enqueue_all(self, broker: Broker, callbacks: Iterable[Mapping[str, Any]]) -> None:
-        from dq.message import Message  # noqa: PLC0415
-        from dq.wire import message_from_data  # noqa: PLC0415
-
-        # Built first, so a malformed callback enqueues none of them.
-        messages: list[Message[Any]] = [message_from_data(data, Message) for data in callbacks]
-        for callback in messages:  # one by one: they may go to different queues
+    def _enqueue_all(
+        self, broker: Broker, message: MessageProxy, callbacks: Iterable[Mapping[str, Any]]
+    ) -> None:
+        # Built first, so a malformed callback enqueues none of them; enqueued one by
+        # one: they may go to different queues.
+        for callback in _messages(message, callbacks):
             broker.enqueue(callback)
 
 
-def _results_backend(broker: Broker) -> Any:
-    """Return the broker's results backend.
+def _messages(message: MessageProxy, data: Iterable[Mapping[str, Any]]) -> list[Message[Any]]:
+    """Return the messages ``data`` holds, built with the class of ``message``'s
+    (a `dq.message.Message`, which this module cannot import: `dq.message` imports
+    the composition that imports it).
 
     Raises:
-        RuntimeError: it has none.
+        DecodeError: an item is not a valid message.
     """
-    backend = broker.get_results_backend()
-    if backend is None:
-        raise RuntimeError(
-            "a group pipeline step needs a results backend: add "
-            "dq.results.Results(backend=...) to the broker's middleware"
-        )
-    return backend
+    cls = type(message.message)
+    return [message_from_data(item, cls) for item in data]

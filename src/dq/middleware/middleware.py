@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from dq.actor import Actor
     from dq.broker import Broker, MessageProxy
     from dq.message import Message
+    from dq.results.backend import ResultBackend
 
 __all__ = ["HOOK_NAMES", "Middleware", "MiddlewareError", "SkipMessage"]
 
@@ -38,6 +39,13 @@ class Middleware:
     def forks(self) -> list[Callable[[], int]]:
         """Functions the CLI runs in processes of their own."""
         return []
+
+    @property
+    def results_backend(self) -> ResultBackend | None:
+        """Where this middleware stores actors' results, if it does (a dq addition:
+        `dq.results.Results` does; `dq.Broker.get_results_backend` asks each
+        middleware)."""
+        return None
 
     def before_ack(self, broker: Broker, message: MessageProxy) -> None:
         """Called before a message is acknowledged."""

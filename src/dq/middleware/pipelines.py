@@ -6,11 +6,14 @@ from typing import TYPE_CHECKING, Any
 
 from dq.core import policy
 from dq.errors import ActorNotFound, DecodeError, QueueNotFound
+from dq.group_wire import PIPE_TARGET
 from dq.logging import get_logger
 from dq.middleware.middleware import Middleware
+from dq.wire import message_from_data
 
 if TYPE_CHECKING:
     from dq.broker import Broker, MessageProxy
+    from dq.message import Message
 
 __all__ = ["Pipelines"]
 
@@ -39,7 +42,7 @@ class Pipelines(Middleware):
 
     @property
     def actor_options(self) -> set[str]:
-        return {"pipe_ignore", "pipe_target"}
+        return {"pipe_ignore", PIPE_TARGET}
 
     def after_process_message(
         self,
@@ -51,16 +54,14 @@ class Pipelines(Middleware):
     ) -> None:
         if exception is not None or message.failed:
             return
-        target = message.options.get("pipe_target")
+        target = message.options.get(PIPE_TARGET)
         if target is None:
             return
-        # Imported here: dq.message imports dq.middleware (through dq.broker).
-        from dq.message import Message  # noqa: PLC0415
-        from dq.wire import message_from_data  # noqa: PLC0415
-
         actor = broker.get_actor(message.actor_name)
         try:
-            next_message: Message[Any] = message_from_data(target, Message)
+            # The class of the message that ran: a `dq.message.Message`, which this
+            # module cannot import (`dq.message` imports the broker, which imports it).
+            next_message: Message[Any] = message_from_data(target, type(message.message))
             ignore = policy.option(
                 "pipe_ignore", next_message.options, actor.options, None, rule="truthy"
             )

@@ -26,8 +26,9 @@ may also assign them before booting or forking.
 
 ``prometheus_client`` is an optional dependency (the extra ``dq[prometheus]``). This
 module imports without it; constructing `Prometheus` without it raises `ImportError`.
-It is imported only at process boot, after the multiprocess directory variable is set,
-because the library picks its storage when it is first imported.
+It is imported once, at process boot, after the multiprocess directory variable is
+set: the library picks its storage (per-process files) from that variable when it is
+first imported, and dq changes nothing of the library at run time.
 
 Differences from Dramatiq, none visible on the wire or in the exported names:
 
@@ -35,20 +36,24 @@ Differences from Dramatiq, none visible on the wire or in the exported names:
   process that never booted, such as a web process re-enqueueing a retried message,
   gets an ``AttributeError`` from ``after_enqueue``).
 * If ``prometheus_client`` was imported before boot without a multiprocess directory
-  (so it chose in-memory storage, which the exposition process cannot see), boot
-  switches it to the multiprocess storage instead of silently exporting nothing.
+  (so it chose in-memory storage, which the exposition process cannot see), boot logs
+  an error saying so and how to fix it, instead of silently exporting nothing.
 * Durations are read from dq's runtime clock (`dq.runtime.get_clock`), so a test clock
   controls them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import tempfile
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from dq import runtime
 from dq.common import getenv_int
@@ -119,21 +124,54 @@ def _check_installed() -> None:
 
 
 def _point_client_at(path: str) -> None:
-    """Make ``prometheus_client`` store this process's metrics in ``path``."""
+    """Make ``prometheus_client`` store this process's metrics in ``path`` (read when it
+    is first imported, and when each metric opens its file)."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     # The older name, which Dramatiq sets too.
     os.environ["prometheus_multiproc_dir"] = path  # noqa: SIM112
-    # Imported only now, so that a first import sees the variables.
+
+
+@attrs.frozen
+class _Client:
+    """What dq uses of ``prometheus_client``."""
+
+    registry: type[CollectorRegistry]
+    counter: type[Counter]
+    gauge: type[Gauge]
+    histogram: type[Histogram]
+    content_type: str
+    generate_latest: Callable[[CollectorRegistry], bytes]
+    multiprocess: ModuleType
+    values: ModuleType
+
+    @property
+    def stores_in_files(self) -> bool:
+        """Whether the library chose its multiprocess storage when it was imported."""
+        return self.values.ValueClass is not self.values.MutexValue
+
+
+@functools.cache
+def _client() -> _Client:
+    """Import ``prometheus_client`` (once per process).
+
+    Raises:
+        ImportError: it is not installed; the error names the extra.
+    """
     try:
-        from prometheus_client import values  # noqa: PLC0415 - an optional dependency
+        from prometheus_client import (  # noqa: PLC0415 - an optional dependency
+            CONTENT_TYPE_LATEST,
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            generate_latest,
+            multiprocess,
+            values,
+        )
     except ImportError as error:
         raise ImportError(_MISSING, name="prometheus_client") from error
-    # The library chose its storage when first imported. If that happened before the
-    # variables were set, switch to per-process files now (metrics built earlier keep
-    # their storage). An existing multiprocess storage is kept: a second one would
-    # open the same files twice.
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    kinds = (CollectorRegistry, Counter, Gauge, Histogram)
+    return _Client(*kinds, CONTENT_TYPE_LATEST, generate_latest, multiprocess, values)
 
 
 class Prometheus(Middleware):
@@ -175,40 +213,43 @@ class Prometheus(Middleware):
         """Point ``prometheus_client`` at `DB_PATH` and build the metrics on a fresh
         registry (so booting twice registers nothing twice)."""
         _point_client_at(DB_PATH)
-        from prometheus_client import (  # noqa: PLC0415 - after the variables are set
-            CollectorRegistry,
-            Counter,
-            Gauge,
-            Histogram,
-        )
-
+        client = _client()
+        if not client.stores_in_files:
+            self.logger.error(
+                "prometheus_client was imported before this process booted, without "
+                "PROMETHEUS_MULTIPROC_DIR, so it keeps metrics in memory where the "
+                "exposition server cannot see them. Import it after boot, or set "
+                "PROMETHEUS_MULTIPROC_DIR=%s before importing it.",
+                DB_PATH,
+            )
+        counter, gauge, histogram = client.counter, client.gauge, client.histogram
         self.logger.debug("Setting up metrics in %s...", DB_PATH)
-        registry = CollectorRegistry()
-        self.total_messages = Counter(
+        registry = client.registry()
+        self.total_messages = counter(
             "dramatiq_messages_total",
             "The total number of messages processed.",
             _LABELS,
             registry=registry,
         )
-        self.total_errored_messages = Counter(
+        self.total_errored_messages = counter(
             "dramatiq_message_errors_total",
             "The total number of errored messages.",
             _LABELS,
             registry=registry,
         )
-        self.total_retried_messages = Counter(
+        self.total_retried_messages = counter(
             "dramatiq_message_retries_total",
             "The total number of retried messages.",
             _LABELS,
             registry=registry,
         )
-        self.total_rejected_messages = Counter(
+        self.total_rejected_messages = counter(
             "dramatiq_message_rejects_total",
             "The total number of dead-lettered messages.",
             _LABELS,
             registry=registry,
         )
-        self.inprogress_messages = Gauge(
+        self.inprogress_messages = gauge(
             "dramatiq_messages_inprogress",
             "The number of messages in progress.",
             _LABELS,
@@ -216,13 +257,13 @@ class Prometheus(Middleware):
             multiprocess_mode="livesum",
         )
         # The default multiprocess mode ("all": one series per pid), as in Dramatiq.
-        self.inprogress_delayed_messages = Gauge(
+        self.inprogress_delayed_messages = gauge(
             "dramatiq_delayed_messages_inprogress",
             "The number of delayed messages in memory.",
             _LABELS,
             registry=registry,
         )
-        self.message_durations = Histogram(
+        self.message_durations = histogram(
             "dramatiq_message_duration_milliseconds",
             "The time spent processing messages.",
             _LABELS,
@@ -235,10 +276,8 @@ class Prometheus(Middleware):
         """Mark this process dead, so its live gauges leave the aggregate."""
         if not self._booted:
             return
-        from prometheus_client import multiprocess  # noqa: PLC0415 - an optional dependency
-
         self.logger.debug("Marking process dead...")
-        multiprocess.mark_process_dead(os.getpid(), DB_PATH)  # type: ignore[no-untyped-call]
+        _client().multiprocess.mark_process_dead(os.getpid(), DB_PATH)
 
     def after_nack(self, broker: Broker, message: MessageProxy) -> None:
         """Count a dead-lettered message."""
@@ -301,10 +340,9 @@ class Prometheus(Middleware):
 
 def _collect_all(path: str) -> CollectorRegistry:
     """A registry holding the aggregate of every process's metrics in ``path``."""
-    from prometheus_client import CollectorRegistry, multiprocess  # noqa: PLC0415
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    client = _client()
+    registry = client.registry()
+    client.multiprocess.MultiProcessCollector(registry, path=path)
     return registry
 
 
@@ -312,12 +350,11 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     """Answer any GET path with the aggregated metrics."""
 
     def do_GET(self) -> None:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
-
         # The directory is read on every request, so new processes' files show up.
-        output = generate_latest(_collect_all(DB_PATH))
+        client = _client()
+        output = client.generate_latest(_collect_all(DB_PATH))
         self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Type", client.content_type)
         self.send_header("Content-Length", str(len(output)))
         self.end_headers()
         self.wfile.write(output)

@@ -10,8 +10,8 @@ from dq import runtime
 from dq.core import policy
 from dq.errors import ActorNotFound, Retry
 from dq.logging import get_logger
-from dq.message import check_options
 from dq.middleware.middleware import Middleware
+from dq.options import check_options
 
 if TYPE_CHECKING:
     from dq.actor import Actor

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from dq import runtime
 from dq.core import policy
 from dq.logging import get_logger
-from dq.message import check_options
 from dq.middleware.middleware import Middleware
+from dq.options import check_options
 from dq.threading import (
     Interrupt,
     interrupt_problem,

@@ -27,6 +27,7 @@ from dq.common import compute_backoff
 from dq.core.policy import q_name
 from dq.encoder import Encoder, JSONEncoder, PickleEncoder
 from dq.errors import DecodeError
+from dq.message import get_encoder
 from dq.results.errors import ResultMissing, ResultTimeout
 from dq.results.result import unwrap_result, wrap_exception, wrap_result
 
@@ -107,9 +108,6 @@ class ResultBackend:
         encoder: Encoder | None = None,
         use_namespace_prefix_keys: bool = False,
     ) -> None:
-        # Imported here: dq.message imports this package for Message.get_result's types.
-        from dq.message import get_encoder  # noqa: PLC0415
-
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {namespace!r}")
         if encoder is not None and not isinstance(encoder, Encoder):
