@@ -39,7 +39,7 @@ import pika.exceptions
 import pytest
 
 import dq
-import dq.worker
+import dq.worker.tuning
 from dq.brokers.rabbitmq import RabbitmqBroker
 from rabbitmq_crash_worker import (
     RABBIT_HOST,
@@ -286,8 +286,8 @@ def cleanup() -> Iterator[Cleanup]:
 @pytest.fixture
 def fast_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Worker that lost its connection retries after 0.1 s instead of 3 s / 5 s."""
-    monkeypatch.setattr(dq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.1)
-    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
+    monkeypatch.setattr(dq.worker.tuning, "CONSUMER_RESTART_DELAY_SECS", 0.1)
+    monkeypatch.setattr(dq.worker.tuning, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
 
 
 # -- checking ------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import pytest
 import redis
 
 import dq
-import dq.worker
+import dq.worker.tuning
 from dq.brokers.redis import RedisBroker
 from dq.middleware import CurrentMessage
 from redis_crash_worker import (
@@ -123,8 +123,8 @@ def cleanup() -> Iterator[Cleanup]:
 @pytest.fixture
 def fast_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Worker that lost its connection retries after 0.1 s instead of 3 s / 5 s."""
-    monkeypatch.setattr(dq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.1)
-    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
+    monkeypatch.setattr(dq.worker.tuning, "CONSUMER_RESTART_DELAY_SECS", 0.1)
+    monkeypatch.setattr(dq.worker.tuning, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.1)
 
 
 # -- subprocesses -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.core import EMPTY, FrozenDict, policy
 from dq.core import Message as CoreMessage
 from dq.core._frozendict import freeze_options
