@@ -17,20 +17,6 @@ import random
 import time
 from typing import Protocol, runtime_checkable
 
-__all__ = [
-    "Clock",
-    "IdSource",
-    "RandomSource",
-    "SystemClock",
-    "UUID4Source",
-    "get_clock",
-    "get_id_source",
-    "get_random",
-    "set_clock",
-    "set_id_source",
-    "set_random",
-]
-
 
 @runtime_checkable
 class Clock(Protocol):

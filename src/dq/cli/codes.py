@@ -5,17 +5,6 @@ from __future__ import annotations
 
 import signal
 
-__all__ = [
-    "RET_CONNECT",
-    "RET_IMPORT",
-    "RET_KILLED",
-    "RET_OK",
-    "RET_PIDFILE",
-    "RET_RECYCLE",
-    "describe_status",
-    "exit_code",
-]
-
 RET_OK = 0
 RET_KILLED = 1
 RET_IMPORT = 2

@@ -129,12 +129,7 @@ class ConsumerThread(_Pausable):
                         )
                     self._consume(self.consumer)
                 except BrokerConnectionError:
-                    self.logger.critical(
-                        "Consumer of %r lost its connection; restarting in %.1f s.",
-                        self.queue_name,
-                        tuning.CONSUMER_RESTART_DELAY_SECS,
-                        exc_info=True,
-                    )
+                    self._log_restart("lost its connection")
                     if not getattr(self.consumer, "survives_connection_loss", False):
                         # Its deliveries died with the connection: the broker
                         # redelivers them (and what it holds for later).
@@ -144,16 +139,22 @@ class ConsumerThread(_Pausable):
                     # carries on, and its messages are settled once Redis is back.
                     time.sleep(tuning.CONSUMER_RESTART_DELAY_SECS)
                 except Exception:
-                    self.logger.critical(
-                        "Consumer of %r crashed; restarting in %.1f s.",
-                        self.queue_name,
-                        tuning.CONSUMER_RESTART_DELAY_SECS,
-                        exc_info=True,
-                    )
+                    self._log_restart("crashed")
                     self.close()
                     time.sleep(tuning.CONSUMER_RESTART_DELAY_SECS)
         finally:
             broker._run_before(broker._hooks.before_consumer_thread_shutdown, self)
+
+    def _log_restart(self, what: str) -> None:
+        """Log (with the exception being handled) that the consumer ``what`` and
+        restarts after a pause."""
+        self.logger.critical(
+            "Consumer of %r %s; restarting in %.1f s.",
+            self.queue_name,
+            what,
+            tuning.CONSUMER_RESTART_DELAY_SECS,
+            exc_info=True,
+        )
 
     def _consume(self, consumer: Consumer) -> None:
         buffered = self._buffered = _buffered_of(consumer)

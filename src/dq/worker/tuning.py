@@ -9,15 +9,6 @@ from __future__ import annotations
 
 from dq.common import getenv_int
 
-__all__ = [
-    "CONSUMER_RESTART_DELAY",
-    "CONSUMER_RESTART_DELAY_SECS",
-    "DELAY_QUEUE_PREFETCH",
-    "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS",
-    "QUEUE_PREFETCH",
-    "WORKER_TIMEOUT",
-]
-
 #: Prefetch per queue consumer (0: ``min(2 × threads, 65535)``).
 QUEUE_PREFETCH = getenv_int("dramatiq_queue_prefetch") or 0
 #: Prefetch per delay-queue consumer (0: ``min(1000 × threads, 65535)``).
