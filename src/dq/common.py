@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol, TypeVar
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.core.policy import backoff_ms, dq_name, q_name, xq_name
 from dq.errors import QueueJoinTimeout
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.broker import get_broker
 from dq.composition import pipeline
 from dq.core import EMPTY, FrozenDict

@@ -1,20 +1,47 @@
-"""The runtime seam: where time and ids come from.
+"""The runtime seam: where time, ids and random draws come from, and `Runner`, a
+runtime without threads.
 
 The pure core takes time and ids as arguments; everything that needs them asks a
-`Clock` or an `IdSource`. The defaults read the system clock and the operating
-system's random source; a custom runtime (or a deterministic test) installs its own
-with `set_clock` / `set_id_source`.
+`Clock`, an `IdSource` or a `RandomSource`. The defaults read the system clock and
+the operating system's random source; a custom runtime (or a deterministic test)
+installs its own with `set_clock` / `set_id_source` / `set_random`. (They live in
+`dq._sources`, below the rest of dq, and are re-exported here.)
+
+`Runner` processes messages in the calling thread, one step at a time, with the
+worker's processing (`dq.worker.processing`): the seam for embedding dq in another
+runtime.
 """
 
 from __future__ import annotations
 
-import os
-import random
-import time
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+import heapq
+import itertools
 
-if TYPE_CHECKING:
-    from dq.worker import Runner
+from dq._sources import (
+    Clock,
+    IdSource,
+    RandomSource,
+    SystemClock,
+    UUID4Source,
+    get_clock,
+    get_id_source,
+    get_random,
+    set_clock,
+    set_id_source,
+    set_random,
+)
+from dq.broker import Broker, Consumer, MessageProxy
+from dq.core import DeathReason, InvalidValue, policy
+from dq.errors import ActorNotFound
+from dq.logging import get_logger
+from dq.worker.processing import (
+    LOGGER_NAME,
+    dead_letter,
+    mark_started,
+    process_message,
+    promote,
+    settle_or_dead_letter,
+)
 
 __all__ = [
     "Clock",
@@ -32,127 +59,120 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class Clock(Protocol):
-    """A source of wall-clock time."""
+class Runner:
+    """Processes messages in the calling thread, one step at a time, with no threads
+    and no sleeps: the seam for embedding dq in another runtime (an event loop, a
+    simulation, a deterministic test).
 
-    def now_ms(self) -> int:
-        """Return milliseconds since the Unix epoch."""
-        ...
+    Time is the runtime clock's (`dq.runtime.set_clock`), so with a fake clock a test
+    decides when delayed messages and retries come due. Each `step` takes what the
+    broker has ready, promotes held delayed messages whose eta has passed, then runs
+    one ready message (lowest actor priority first, oldest first) and settles it, as
+    a `Worker` would. Middleware that need threads of their own (TimeLimit,
+    ShutdownNotifications) have nothing to interrupt here.
 
-
-@runtime_checkable
-class RandomSource(Protocol):
-    """A source of uniform random numbers (retry jitter)."""
-
-    def random(self) -> float:
-        """Return a number in [0, 1)."""
-        ...
-
-
-@runtime_checkable
-class IdSource(Protocol):
-    """A source of unique message ids."""
-
-    def new_id(self) -> str:
-        """Return a new unique id (Dramatiq's wire format: a uuid4 string)."""
-        ...
-
-
-class SystemClock:
-    """The system's wall clock."""
-
-    __slots__ = ()
-
-    def now_ms(self) -> int:
-        """Return milliseconds since the Unix epoch, truncated."""
-        return time.time_ns() // 1_000_000
-
-
-_BATCH = 256  # ids per read of the OS random source
-
-
-class UUID4Source:
-    """Random (version 4) UUID strings from the OS random source, made in batches.
-
-    Same format and randomness as ``str(uuid.uuid4())``, several times cheaper: one
-    ``os.urandom`` call serves 256 ids, formatted together. Taking an id is one
-    ``list.pop`` (atomic, so no lock). The batch is dropped in a forked child, so
-    parent and child never hand out the same ids.
+    Args:
+        broker: the broker.
+        queues: canonical queue names to consume (None: every declared queue).
+        prefetch: how many messages each consumer may hold.
     """
 
-    __slots__ = ("_ids",)
+    def __init__(
+        self, broker: Broker, *, queues: set[str] | None = None, prefetch: int = 100
+    ) -> None:
+        self.broker = broker
+        self.logger = get_logger(LOGGER_NAME, type(self))
+        self.prefetch = prefetch
+        self.whitelist = set(queues) if queues else None
+        self.consumers: dict[str, Consumer] = {}
+        self.ready: list[tuple[int, int, MessageProxy, Consumer]] = []
+        self.delayed: list[tuple[int, int, MessageProxy, Consumer]] = []
+        self._order = itertools.count()
 
-    def __init__(self) -> None:
-        self._ids: list[str] = []
-        os.register_at_fork(after_in_child=self._ids.clear)
+    def _sync_consumers(self) -> None:
+        for name in sorted(
+            self.broker.get_declared_queues() | self.broker.get_declared_delay_queues()
+        ):
+            if name in self.consumers or name.endswith(policy.DEAD_SUFFIX):
+                continue
+            if self.whitelist and policy.q_name(name) not in self.whitelist:
+                continue
+            self.consumers[name] = self.broker.consume(name, prefetch=self.prefetch, timeout=0)
 
-    def new_id(self) -> str:
-        """Return a new uuid4 string (36 lowercase hex characters and hyphens)."""
-        try:
-            return self._ids.pop()
-        except IndexError:
-            self._ids.extend(_uuid4_batch())
-            return self._ids.pop()
+    def _take(self) -> None:
+        for consumer in self.consumers.values():
+            for message in consumer:
+                try:
+                    eta = (
+                        policy.message_eta_ms(message.message) if "eta" in message.options else None
+                    )
+                except InvalidValue as e:  # it can never come due (see ConsumerThread)
+                    self.logger.error(
+                        "Dead-lettering message %s (actor %r) of %r: %s.",
+                        message.message_id,
+                        message.actor_name,
+                        message.queue_name,
+                        e,
+                    )
+                    message.stuff_exception(e)
+                    dead_letter(self.broker, consumer, message, DeathReason.BAD_ETA, self.logger)
+                    continue
+                if eta is not None:
+                    self.broker._run_before(self.broker._hooks.before_delay_message, message)
+                    heapq.heappush(self.delayed, (eta, next(self._order), message, consumer))
+                    continue
+                try:
+                    priority = self.broker.get_actor(message.actor_name).priority
+                except ActorNotFound:
+                    priority = 0
+                heapq.heappush(self.ready, (priority, next(self._order), message, consumer))
 
+    def _promote_due(self) -> int:
+        now = get_clock().now_ms()
+        promoted = 0
+        while self.delayed and self.delayed[0][0] <= now:
+            _, _, message, consumer = heapq.heappop(self.delayed)
+            promote(self.broker, consumer, message)
+            promoted += 1
+        return promoted
 
-def _uuid4_batch() -> list[str]:
-    h = os.urandom(16 * _BATCH).hex()
-    variant = _VARIANT
-    # Version nibble 4; variant bits 10xx (8, 9, a or b).
-    return [
-        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
-        f"{variant[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
-        for i in range(0, 32 * _BATCH, 32)
-    ]
+    def step(self) -> bool:
+        """Do one unit of work; return False when there was nothing to do now."""
+        self._sync_consumers()
+        self._take()
+        promoted = self._promote_due()
+        if promoted:
+            self._take()
+        if not self.ready:
+            return promoted > 0
+        _, _, message, consumer = heapq.heappop(self.ready)
+        # One message at a time: each runs alone, suspects included.
+        mark_started(consumer, message, self.logger, alone=True)
+        process_message(self.broker, message, self.logger)
+        settle_or_dead_letter(self.broker, consumer, message, self.logger)
+        return True
 
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Step until nothing is ready and nothing held is due; return the steps taken.
 
-_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+        Raises:
+            RuntimeError: ``max_steps`` were taken and there is still work (a loop).
+        """
+        for steps in range(max_steps):
+            if not self.step():
+                return steps
+        raise RuntimeError(f"still busy after {max_steps} steps")
 
-_clock: Clock = SystemClock()
-_ids: IdSource = UUID4Source()
-# The random module's functions: reseeded in forked children by the stdlib.
-_random: RandomSource = random._inst
+    def next_eta_ms(self) -> int | None:
+        """When the earliest held delayed message comes due (None: none is held)."""
+        return self.delayed[0][0] if self.delayed else None
 
-
-def get_random() -> RandomSource:
-    """Return the process's source of random numbers."""
-    return _random
-
-
-def set_random(source: RandomSource) -> None:
-    """Install the process's source of random numbers (tests and embedding runtimes)."""
-    global _random
-    _random = source
-
-
-def get_clock() -> Clock:
-    """Return the process's clock."""
-    return _clock
-
-
-def set_clock(clock: Clock) -> None:
-    """Install the process's clock (tests and embedding runtimes)."""
-    global _clock
-    _clock = clock
-
-
-def get_id_source() -> IdSource:
-    """Return the process's id source."""
-    return _ids
-
-
-def set_id_source(source: IdSource) -> None:
-    """Install the process's id source (tests and embedding runtimes)."""
-    global _ids
-    _ids = source
-
-
-def __getattr__(name: str) -> object:
-    # The Runner lives with the worker (it shares its processing); importing it here
-    # lazily keeps this module free of the broker machinery it sits under.
-    if name == "Runner":
-        from dq.worker import Runner  # noqa: PLC0415
-
-        return Runner
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def close(self) -> None:
+        """Return every message taken and not processed to the broker; close consumers."""
+        for items in (self.ready, self.delayed):
+            for _, _, message, consumer in items:
+                consumer.requeue([message])
+            items.clear()
+        for consumer in self.consumers.values():
+            consumer.close()
+        self.consumers.clear()

@@ -43,7 +43,7 @@ from dq.middleware import (
     TimeLimitExceeded,
 )
 from dq.middleware.retries import DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF
-from dq.worker import settle_or_dead_letter
+from dq.worker.processing import settle_or_dead_letter
 from tests.support.global_broker import installed
 
 NOW = 1_700_000_000_000

@@ -740,3 +740,44 @@ def test_a_module_that_sets_no_broker_uses_dq_broker_url(
     cli.wait_output("sets no broker: using DQ_BROKER_URL=" + REDIS_URL)
     cli.wait_ready(1)
     assert cli.stop() == 0
+
+
+# -- 12. importing the command ------------------------------------------------------------
+
+
+def test_importing_the_command_leaves_the_broker_to_the_users_module(tmp_path: Path) -> None:
+    # The command imports the worker and `from_url` at module level: that must load no
+    # broker module and set no global broker, so that the broker a worker process uses
+    # is the one the user's module (imported after) sets.
+    (tmp_path / "stubapp.py").write_text(
+        "import dq\nfrom dq.brokers.stub import StubBroker\n\nBROKER = StubBroker()\n"
+        "dq.set_broker(BROKER)\n",
+        encoding="utf-8",
+    )
+    code = (
+        "import sys\n"
+        "import dq\n"
+        "import dq.cli\n"
+        "from dq.cli import import_broker\n"
+        "assert [m for m in sys.modules if m.startswith('dq.brokers.')] == [], sys.modules\n"
+        "try:\n"
+        "    dq.get_broker()\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('importing the command set a broker')\n"
+        "module, broker = import_broker('stubapp')\n"
+        "assert broker is module.BROKER is dq.get_broker(), broker\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 import dq
+import dq.worker.tuning
 from dq import Worker
 from dq.broker import Consumer, MessageProxy
 from dq.brokers.stub import StubBroker, _StubConsumer
@@ -335,7 +336,7 @@ class _RefusingConsumer(_StubConsumer):
 def test_a_retry_not_stored_for_want_of_a_connection_is_stored_once_the_broker_is_back(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.01)
+    monkeypatch.setattr(dq.worker.tuning, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.01)
     broker = RefusesDelays(outage=3)
     dq.set_broker(broker)
     attempts: list[int] = []

@@ -17,6 +17,8 @@ import pytest
 
 import dq
 import dq.broker
+import dq.runtime
+import dq.worker.tuning
 from dq import Message, MessageProxy, Worker
 from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
@@ -180,7 +182,7 @@ def test_a_stored_replacement_is_stored_once_when_the_ack_after_it_must_be_retri
 ) -> None:
     # A consumer without `replace`: the worker enqueues the retry, then acks. When
     # the ack fails for want of a connection, only the ack is tried again.
-    monkeypatch.setattr(dq.worker, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.01)
+    monkeypatch.setattr(dq.worker.tuning, "POST_PROCESS_MESSAGE_RETRY_DELAY_SECS", 0.01)
     AckFailsOnce.failures = 0
     broker = WrappingBroker(consumer_class=AckFailsOnce)
     dq.set_broker(broker)
@@ -326,7 +328,7 @@ def test_a_runner_dead_letters_a_bad_eta_and_runs_the_rest(
 
     record.send_with_options(args=("poison",), delay=0)
     record.send("ready")
-    runner = dq.worker.Runner(broker)
+    runner = dq.runtime.Runner(broker)
     with caplog.at_level(logging.ERROR, logger="dq"):
         runner.run_until_idle()
     runner.close()

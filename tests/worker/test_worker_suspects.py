@@ -16,6 +16,7 @@ import pytest
 
 import dq
 import dq.broker
+import dq.runtime
 from dq import MessageProxy, Worker
 from dq.broker import Consumer
 from dq.brokers.stub import StubBroker
@@ -206,7 +207,7 @@ def test_a_single_threaded_worker_and_the_runner_report_every_message_alone() ->
 
     broker.starts.clear()
     work.send("d")
-    runner = dq.worker.Runner(broker)
+    runner = dq.runtime.Runner(broker)
     runner.run_until_idle()
     runner.close()
     assert broker.starts == [("d", True)]

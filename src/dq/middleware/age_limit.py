@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.core import policy
 from dq.logging import get_logger
 from dq.middleware.middleware import Middleware, SkipMessage

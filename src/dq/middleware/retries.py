@@ -6,7 +6,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.core import policy
 from dq.errors import ActorNotFound, Retry
 from dq.logging import get_logger

@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.core import policy
 from dq.logging import get_logger
 from dq.middleware.middleware import Middleware

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.rate_limits.rate_limiter import RateLimiter
 
 if TYPE_CHECKING:

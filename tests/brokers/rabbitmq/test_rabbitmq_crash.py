@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import dq
-import dq.worker
+import dq.worker.tuning
 from dq.brokers.rabbitmq import RabbitmqBroker
 from tests.brokers.rabbitmq.rabbitmq_crash_worker import (
     FirstAttemptFails,

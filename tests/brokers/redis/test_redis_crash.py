@@ -31,7 +31,7 @@ import pytest
 import redis
 
 import dq
-import dq.worker
+import dq.worker.tuning
 from dq.brokers.redis import RedisBroker
 from dq.middleware import CurrentMessage
 from tests.brokers.redis.redis_crash_worker import (
