@@ -6,97 +6,27 @@ except those under ``if TYPE_CHECKING:``. Importing ``a.b.c`` also runs the pack
 ``a`` and ``a.b``, so an edge to a module is an edge to each package above it as well
 (except the importer's own packages, which are already running when it runs).
 
-Run as a script to print the graph's cycles: ``python tests/core/test_imports.py``.
+Run as a module to print the graph's cycles: ``python -m tests.core.test_imports``.
 """
 
 from __future__ import annotations
 
 import ast
 import itertools
-import pathlib
 import subprocess
 import sys
-from collections.abc import Iterator
 
-SRC = pathlib.Path(__file__).resolve().parents[2] / "src"
+from tests.support.import_graph import (
+    absolute,
+    import_graph,
+    runtime_imports,
+    source_modules,
+)
 
 #: Function-local imports are allowed only for these optional or costly-to-load
 #: dependencies, and fewer than `LOCAL_IMPORT_BUDGET` in all.
 OPTIONAL_DEPENDENCIES = {"prometheus_client", "gevent", "watchdog", "redis", "ssl", "pika"}
 LOCAL_IMPORT_BUDGET = 10
-
-
-def module_name(path: pathlib.Path) -> str:
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def source_modules() -> dict[str, pathlib.Path]:
-    return {module_name(path): path for path in sorted((SRC / "dq").rglob("*.py"))}
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def runtime_imports(
-    tree: ast.AST, *, in_function: bool = False
-) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
-    """Yield each import that runs, and whether it sits inside a function."""
-    if isinstance(tree, ast.If) and _is_type_checking(tree.test):
-        for statement in tree.orelse:
-            yield from runtime_imports(statement, in_function=in_function)
-        return
-    if isinstance(tree, ast.Import | ast.ImportFrom):
-        yield tree, in_function
-        return
-    inner = in_function or isinstance(tree, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-    for child in ast.iter_child_nodes(tree):
-        yield from runtime_imports(child, in_function=inner)
-
-
-def _absolute(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
-    if node.level == 0:
-        return node.module or ""
-    base = importer.split(".")
-    if not is_package:
-        base.pop()
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join([*base, node.module] if node.module else base)
-
-
-def _ancestors(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-Edge = tuple[str, str, int]  # importer, imported, line
-
-
-def import_graph() -> dict[str, dict[str, int]]:
-    """Map each dq module to the dq modules its import runs, with one line each."""
-    modules = source_modules()
-    graph: dict[str, dict[str, int]] = {name: {} for name in modules}
-    for importer, path in modules.items():
-        tree = ast.parse(path.read_text(), filename=str(path))
-        is_package = path.name == "__init__.py"
-        own = set(_ancestors(importer)) | ({importer} if is_package else set())
-        for node, _ in runtime_imports(tree):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            else:
-                base = _absolute(importer, is_package, node)
-                targets = [base]
-                targets += [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
-            for target in targets:
-                for name in [*_ancestors(target), target]:
-                    if name in modules and name not in own and name != importer:
-                        graph[importer].setdefault(name, node.lineno)
-    return graph
 
 
 def components(graph: dict[str, dict[str, int]]) -> list[list[str]]:
@@ -195,7 +125,7 @@ def _local_imports() -> list[tuple[str, str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
-                base = _absolute(name, path.name == "__init__.py", node)
+                base = absolute(name, path.name == "__init__.py", node)
                 modules = source_modules()
                 # ``from dq.cli import watch`` imports the submodule dq.cli.watch.
                 targets = [
