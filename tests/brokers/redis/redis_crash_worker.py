@@ -32,7 +32,8 @@ from typing import Any
 
 import dq
 from dq.broker import Consumer, MessageProxy
-from dq.brokers.redis import RedisBroker, _RedisConsumer
+from dq.brokers.redis import RedisBroker
+from dq.brokers.redis._consumer import RedisConsumer
 from dq.middleware import CurrentMessage, Middleware, default_middleware
 
 __all__ = [
@@ -61,7 +62,7 @@ def poison_runs_key(namespace: str) -> str:
     return f"{namespace}-test:poison-runs"
 
 
-class _AloneConsumer(_RedisConsumer):
+class _AloneConsumer(RedisConsumer):
     """A consumer of a process with one worker thread: whatever starts runs alone."""
 
     def started(self, message: MessageProxy, *, alone: bool) -> None:

@@ -238,8 +238,18 @@ def test_dramatiqs_semi_public_dispatch(broker: RedisBroker, namespace: str) -> 
     assert broker.do_fetch("q", 5) == [payload]
     broker.do_ack("q", "r1")
     assert broker.do_qsize("q") == 0
+    second = Message("q", "f", (), {}, {"redis_message_id": "r2"}).encode()
+    broker.do_enqueue("q", "r2", second)
+    assert broker.do_fetch("q", 5) == [second]
+    broker.do_requeue("q", "r2")
+    assert broker.do_fetch("q", 5) == [second]
+    broker.do_nack("q", "r2")
+    assert broker.client.zrange(f"{namespace}:q.XQ", 0, -1) == [b"r2"]
+    broker.do_enqueue("q", "r3", payload)
+    assert broker.do_purge("q") == 1
+    assert broker.do_qsize("q") == 0
     with pytest.raises(AttributeError, match="do_nothing"):
-        broker.do_nothing  # noqa: B018 - the attribute access is the test
+        broker.do_nothing  # type: ignore[attr-defined]  # noqa: B018 - the access is the test
 
 
 # -- batching --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import redis.backoff
 import redis.connection
 import redis.retry
 
-from dq.brokers.redis import RedisBroker, RedisConnectionClosed, _resp
+from dq.brokers.redis import RedisBroker, RedisConnectionClosed, _params, _resp
 from dq.brokers.redis._redispy import RedisPyConnection
 from dq.errors import ConnectionClosed
 from dq.message import Message
@@ -32,7 +32,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.redis]
 
-SHARED = _resp.ConnectionParams(host="127.0.0.1", port=6379)
+SHARED = _params.ConnectionParams(host="127.0.0.1", port=6379)
 SRC = str(Path(__file__).resolve().parents[3] / "src")
 
 
@@ -123,14 +123,14 @@ def test_urls_mean_what_they_mean_to_redis_py(url: str) -> None:
         expected["unix_socket_path"] = expected.pop("path")
     elif connection_class is redis.connection.SSLConnection:
         expected["ssl"] = True
-    assert _resp.parse_url(url) == expected
+    assert _params.parse_url(url) == expected
 
 
 def test_url_options_become_connection_parameters() -> None:
-    params = _resp.ConnectionParams.from_options(
-        _resp.parse_url("redis://bob:pw@127.0.0.1:6390/3?socket_timeout=0.25")
+    params = _params.ConnectionParams.from_options(
+        _params.parse_url("redis://bob:pw@127.0.0.1:6390/3?socket_timeout=0.25")
     )
-    assert params == _resp.ConnectionParams(
+    assert params == _params.ConnectionParams(
         host="127.0.0.1", port=6390, db=3, username="bob", password="pw", socket_timeout=0.25
     )
 
@@ -144,7 +144,7 @@ def test_url_options_become_connection_parameters() -> None:
 )
 def test_bad_urls_are_rejected_naming_the_problem(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        _resp.parse_url(url)
+        _params.parse_url(url)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_bad_urls_are_rejected_naming_the_problem(url: str, message: str) -> Non
 )
 def test_bad_options_are_rejected_naming_them(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        _resp.ConnectionParams.from_options(options)
+        _params.ConnectionParams.from_options(options)
 
 
 # -- commands and replies ----------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_arguments_that_are_not_strings_or_numbers_are_rejected(
 
 
 def test_nothing_listening_is_a_connection_error() -> None:
-    c = _resp.Connection(_resp.ConnectionParams(host="127.0.0.1", port=free_port()))
+    c = _resp.Connection(_params.ConnectionParams(host="127.0.0.1", port=free_port()))
     with pytest.raises(_resp.RespConnectionError, match=r"cannot connect to 127\.0\.0\.1"):
         c.execute("PING")
     assert not c.connected
@@ -271,18 +271,18 @@ def _int(reply: _resp.Reply) -> int:
 
 def test_password_acl_user_db_name_and_unix_socket(tmp_path: Path) -> None:
     with private_server(tmp_path, "--requirepass", "s3cret") as sock:
-        admin = _resp.Connection(_resp.ConnectionParams(unix_socket_path=str(sock)))
+        admin = _resp.Connection(_params.ConnectionParams(unix_socket_path=str(sock)))
         with pytest.raises(_resp.ResponseError) as caught:
             admin.execute("PING")  # no AUTH
         assert caught.value.code == "NOAUTH"
         admin = _resp.Connection(
-            _resp.ConnectionParams(unix_socket_path=str(sock), password="s3cret")
+            _params.ConnectionParams(unix_socket_path=str(sock), password="s3cret")
         )
         assert admin.execute("ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all") == b"OK"
 
         url = f"unix://alice:pw@{sock}?db=3"
-        params = _resp.ConnectionParams.from_options(
-            {**_resp.parse_url(url), "client_name": "dq-test"}
+        params = _params.ConnectionParams.from_options(
+            {**_params.parse_url(url), "client_name": "dq-test"}
         )
         alice = _resp.Connection(params)
         assert alice.execute("ACL", "WHOAMI") == b"alice"
@@ -339,15 +339,17 @@ def test_tls_with_certificate_checks(tmp_path: Path) -> None:
     ).split()
     with private_server(tmp_path / "server", *tls, port=0):
         url = f"rediss://127.0.0.1:{port}/2?ssl_ca_certs={cert}"
-        trusted = _resp.Connection(_resp.ConnectionParams.from_options(_resp.parse_url(url)))
+        trusted = _resp.Connection(_params.ConnectionParams.from_options(_params.parse_url(url)))
         assert trusted.pipeline([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
         trusted.close()
         # Not trusted (the system's CAs only): refused, as redis-py refuses.
-        untrusted = _resp.Connection(_resp.ConnectionParams(host="127.0.0.1", port=port, ssl=True))
+        untrusted = _resp.Connection(
+            _params.ConnectionParams(host="127.0.0.1", port=port, ssl=True)
+        )
         with pytest.raises(_resp.RespConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             untrusted.execute("PING")
         unchecked = _resp.Connection(
-            _resp.ConnectionParams(host="127.0.0.1", port=port, ssl=True, ssl_cert_reqs="none")
+            _params.ConnectionParams(host="127.0.0.1", port=port, ssl=True, ssl_cert_reqs="none")
         )
         assert unchecked.execute("PING") == b"PONG"
         unchecked.close()

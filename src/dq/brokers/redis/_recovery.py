@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from dq.brokers.redis import _resp
+from dq.brokers.redis import _calls, _resp
 from dq.brokers.redis._keys import glob_escape
+from dq.brokers.redis._replies import as_int, as_list, as_text
 from dq.core import (
     Entry,
     Recover,
+    Requeue,
     Reservation,
     Run,
     apply,
@@ -45,7 +47,7 @@ from dq.errors import ConnectionClosed
 if TYPE_CHECKING:
     from dq.brokers.redis import RedisBroker
 
-__all__ = ["RecoveryReport", "Verdict", "decide", "recover"]
+__all__ = ["RecoveryReport", "Verdict", "decide", "reconcile", "recover"]
 
 #: Ids read and moved per ``recover.lua`` call.
 BATCH = 500
@@ -168,8 +170,8 @@ def recover(broker: RedisBroker, now_ms: int) -> RecoveryReport:
     """
     keys = broker._keys
     cutoff = now_ms - broker.heartbeat_timeout
-    reply = _list(broker._execute("ZRANGEBYSCORE", keys.heartbeats, "-inf", cutoff, "WITHSCORES"))
-    beats = {_text(reply[i]): int(float(_text(reply[i + 1]))) for i in range(0, len(reply), 2)}
+    reply = as_list(broker._execute("ZRANGEBYSCORE", keys.heartbeats, "-inf", cutoff, "WITHSCORES"))
+    beats = {as_text(reply[i]): int(float(as_text(reply[i + 1]))) for i in range(0, len(reply), 2)}
     dead = policy.dead_consumers(
         beats, now_ms, broker.heartbeat_timeout, alive=frozenset({broker.broker_id})
     )
@@ -203,8 +205,8 @@ def recover(broker: RedisBroker, now_ms: int) -> RecoveryReport:
             if tick.left:
                 left = True
                 skipped.append(key)
-        if not alive and not left:
-            forgotten += _int(broker._run("forget", (keys.heartbeats,), (worker, cutoff)))
+        if not alive and not left and _calls.forget(broker._run, keys, worker, cutoff):
+            forgotten += 1
     if requeued:
         broker.logger.warning(
             "Recovered %d messages held by dead workers %s.", requeued, ", ".join(dead)
@@ -235,24 +237,13 @@ class _AckSet:
         self.alive = False
         self.left = False  # something stays in the ack set (logged)
         self.logger: logging.Logger = broker.logger
-        k = broker._keys
-        self.keys = (
-            k.heartbeats,
-            key,
-            k.queue(queue_name),
-            k.msgs(queue_name),
-            k.deliveries(queue_name),
-            k.started(queue_name),
-            k.dead(queue_name),
-            k.dead_msgs(queue_name),
-            k.reasons(queue_name),
-        )
+        self.keys = _calls.recover_keys(broker._keys, worker, queue_name)
 
     def run(self) -> None:
         broker = self.broker
         _, ack, queue, msgs, deliveries, started, dead, dead_msgs, _ = self.keys
-        kinds = [_text(r) for r in broker._pipeline([("TYPE", key) for key in self.keys[1:]])]
-        size = _int(broker._execute("SCARD", ack)) if kinds[0] == "set" else 0
+        kinds = [as_text(r) for r in broker._pipeline([("TYPE", key) for key in self.keys[1:]])]
+        size = as_int(broker._execute("SCARD", ack)) if kinds[0] == "set" else 0
         kind = dict(zip(self.keys[1:], kinds, strict=True))
         if kind[ack] != "set":
             # Nothing dq can read is there (somebody else's key under an ack-set name).
@@ -290,10 +281,10 @@ class _AckSet:
                 self.worker,
             )
         for _ in range(size // BATCH + 2):  # bounded: each batch empties BATCH ids
-            rids = [_text(r) for r in _list(broker._execute("SRANDMEMBER", ack, BATCH))]
+            rids = [as_text(r) for r in as_list(broker._execute("SRANDMEMBER", ack, BATCH))]
             if not rids or not self._batch(rids, kind):
                 return
-        self.left = _int(broker._execute("SCARD", ack)) > 0
+        self.left = as_int(broker._execute("SCARD", ack)) > 0
 
     def _batch(self, rids: list[str], kind: dict[str, str]) -> bool:
         """Recover ``rids``; return whether to go on."""
@@ -305,9 +296,9 @@ class _AckSet:
         if kind[started] == "hash":
             commands.append(["HMGET", started, *rids])
         replies = broker._pipeline(commands)
-        payloads = _list(replies[0])
-        counts = _list(replies[1]) if kind[deliveries] == "hash" else [None] * len(rids)
-        marks = _list(replies[-1]) if kind[started] == "hash" else [None] * len(rids)
+        payloads = as_list(replies[0])
+        counts = as_list(replies[1]) if kind[deliveries] == "hash" else [None] * len(rids)
+        marks = as_list(replies[-1]) if kind[started] == "hash" else [None] * len(rids)
         held = [
             Held(
                 rid,
@@ -325,12 +316,7 @@ class _AckSet:
             self.now_ms,
             broker.max_deliveries if canonical else 0,
         )
-        args: list[_resp.Arg] = [
-            self.worker,
-            self.cutoff,
-            self.now_ms,
-            broker._keys.channel(self.queue_name),
-        ]
+        moves: list[tuple[str, str, str]] = []
         by_rid = {h.rid: h for h in held}
         for rid, decided in verdicts.items():
             verdict = decided
@@ -348,15 +334,15 @@ class _AckSet:
                 verdict = Verdict("requeue", verdict.deliveries)
             count = verdict.deliveries if self.counts else None
             value = verdict.reason if verdict.outcome == "dead" else _arg(count)
-            args += [rid, verdict.outcome, value]
-        reply = _list(broker._run("recover", self.keys, args))
-        first = _int(reply[0])
-        if first < 0:
+            moves.append((rid, verdict.outcome, value))
+        recovered = _calls.recover(
+            broker._run, broker._keys, self.worker, self.queue_name, self.cutoff, self.now_ms, moves
+        )
+        if recovered.alive:
             self.alive = True
             return False
-        self.requeued += first
-        for raw in reply[1:]:
-            rid = _text(raw)
+        self.requeued += recovered.requeued
+        for rid in recovered.dead_lettered:
             self.dead_lettered.append(rid)
             verdict = verdicts[rid]
             self.logger.error(
@@ -402,23 +388,35 @@ def _arg(count: int | None) -> str:
     return "" if count is None else str(count)
 
 
-def _list(reply: _resp.Reply) -> list[_resp.Reply]:
-    if isinstance(reply, list):
-        return reply
-    if isinstance(reply, _resp.ResponseError):
-        raise reply
-    raise _resp.ResponseError(f"expected an array from Redis, got {reply!r}")
+def reconcile(broker: RedisBroker) -> int:
+    """Return to their queues the ids ``broker``'s ack sets hold but none of its
+    consumers (nor its unsent settlements) knows about; return how many
+    (`RedisBroker.reconcile`).
 
-
-def _text(reply: _resp.Reply) -> str:
-    if isinstance(reply, bytes):
-        return reply.decode()
-    if isinstance(reply, _resp.ResponseError):
-        raise reply
-    raise _resp.ResponseError(f"expected a string from Redis, got {reply!r}")
-
-
-def _int(reply: _resp.Reply) -> int:
-    if isinstance(reply, int):
-        return reply
-    return int(_text(reply))
+    Raises:
+        ConnectionClosed: Redis could not be reached.
+    """
+    stray_total = 0
+    for queue_name in sorted({c.queue_name for c in list(broker._consumers)}):
+        with broker._fetch_lock(queue_name):
+            known: set[str] = set()
+            for consumer in list(broker._consumers):
+                if consumer.queue_name == queue_name:
+                    known |= consumer._known()
+            with broker._orphans_lock:
+                for name, _, rids in broker._orphans:
+                    if name == queue_name:
+                        known.update(rids)
+            key = broker._keys.acks(broker.broker_id, queue_name)
+            members = [as_text(m) for m in as_list(broker._execute("SMEMBERS", key))]
+            stray = [rid for rid in members if rid not in known]
+            if stray:
+                returned = broker._settle(Requeue, queue_name, stray)
+                stray_total += len(stray)
+                broker.logger.warning(
+                    "Returned %d messages of %r whose fetch reply was lost (%d were still stored).",
+                    len(stray),
+                    queue_name,
+                    returned,
+                )
+    return stray_total
