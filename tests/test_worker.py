@@ -13,7 +13,8 @@ import pytest
 import dq
 from dq import Worker
 from dq.broker import Consumer, MessageProxy
-from dq.brokers.stub import StubBroker, _StubConsumer
+from dq.brokers.stub import StubBroker
+from dq.brokers.stub.consumer import _StubConsumer
 from dq.message import Message
 from dq.middleware import Middleware
 from dq.worker import WorkQueue
