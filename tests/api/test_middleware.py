@@ -24,7 +24,8 @@ import dq.middleware.threading
 import dq.threading
 from dq import Message, MessageProxy, Retry, runtime
 from dq.broker import Consumer
-from dq.brokers.stub import StubBroker, _StubConsumer
+from dq.brokers.stub import StubBroker
+from dq.brokers.stub.consumer import _StubConsumer
 from dq.composition import pipeline
 from dq.core import DeathReason
 from dq.errors import BrokerConnectionError, QueueNotFound

@@ -14,7 +14,8 @@ import dq
 import dq.worker.tuning
 from dq import Worker
 from dq.broker import Consumer, MessageProxy
-from dq.brokers.stub import StubBroker, _StubConsumer
+from dq.brokers.stub import StubBroker
+from dq.brokers.stub.consumer import _StubConsumer
 from dq.message import Message
 from dq.middleware import Middleware
 from dq.worker import WorkQueue

@@ -360,7 +360,7 @@ def test_replace_is_atomic(broker: SqliteBroker) -> None:
     m = next(consumer)
     # Make the INSERT of the retry fail inside the transaction (on this thread's
     # connection): the original must still be held, and nothing else stored.
-    broker._connection().execute(
+    broker._database.connection().execute(
         "CREATE TEMP TRIGGER fail_retry BEFORE INSERT ON main.dq_messages "
         "WHEN NEW.queue = 'q.DQ' BEGIN SELECT RAISE(ABORT, 'injected'); END"
     )
@@ -368,7 +368,7 @@ def test_replace_is_atomic(broker: SqliteBroker) -> None:
         consumer.replace(m, m.message, 1000)
     rows = select_rows(broker.path, "SELECT queue, consumer FROM dq_messages")
     assert rows == [("q", consumer.consumer_id)]
-    broker._connection().execute("DROP TRIGGER fail_retry")
+    broker._database.connection().execute("DROP TRIGGER fail_retry")
     consumer.replace(m, m.message, 1000)
     assert select_rows(broker.path, "SELECT queue, consumer FROM dq_messages") == [("q.DQ", None)]
     consumer.close()

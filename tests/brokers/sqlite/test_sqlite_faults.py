@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from dq.broker import MessageProxy
-from dq.brokers._sqlite_consumer import SqliteConsumer
 from dq.brokers.sqlite import (
     COMMANDS,
     SCHEMA_VERSION,
@@ -26,6 +25,7 @@ from dq.brokers.sqlite import (
     DatabaseUnavailable,
     SqliteBroker,
 )
+from dq.brokers.sqlite.database import Database
 from dq.brokers.steps import Cannot, ServerStep, uncovered
 from dq.core import DeathReason, policy
 from dq.errors import BrokerConnectionError, QueueNotFound
@@ -60,11 +60,10 @@ def test_every_command_has_a_row_naming_a_transaction_method() -> None:
             continue
         assert isinstance(row, ServerStep)
         assert "BEGIN IMMEDIATE" in row.atomic, (kind, row)
-        # Named after the command, and a method that runs one transaction's body.
-        owners = [owner for owner in (SqliteBroker, SqliteConsumer) if hasattr(owner, row.name)]
-        assert owners, f"{kind.__name__}: no method {row.name!r}"
-        words = row.name.strip("_").split("_")
-        assert kind.__name__.lower().startswith(words[0]) or row.name == "_ack", (kind, row)
+        # Named after the command, and a method of the database that runs one transaction.
+        assert callable(getattr(Database, row.name, None)), f"{kind.__name__}: no {row.name!r}"
+        words = row.name.split("_")
+        assert kind.__name__.lower().startswith(words[0]), (kind, row)
 
 
 # -- schema migration ------------------------------------------------------------------------------
@@ -314,7 +313,7 @@ def test_a_reservation_behind_a_lock_gets_a_whole_lease(
     ready.wait()
     reserved: list[Any] = []
     fetch = threading.Thread(
-        target=lambda: reserved.extend(broker._reserve_rows("q", "someone", 1))
+        target=lambda: reserved.extend(broker._database.reserve("q", "someone", 1, broker.lease))
     )
     fetch.start()
     locker.join()
@@ -339,7 +338,7 @@ def test_a_delay_past_the_largest_eta_is_a_value_error_and_stores_nothing(
 
 def test_a_full_database_says_it_is_full(broker: SqliteBroker) -> None:
     broker.enqueue(_message(0))
-    conn = broker._connection()  # this thread's: the limit is per connection
+    conn = broker._database.connection()  # this thread's: the limit is per connection
     (pages,) = conn.execute("PRAGMA page_count").fetchone()
     conn.execute(f"PRAGMA max_page_count = {pages}")
     big = Message("q", "act", ("x" * 20_000,), {}, {})
@@ -414,7 +413,7 @@ def test_a_nack_stores_the_reason(broker: SqliteBroker) -> None:
 
 def test_enqueue_reserve_and_ack_cost_no_extra_statement(broker: SqliteBroker) -> None:
     statements: list[str] = []
-    conn = broker._connection()
+    conn = broker._database.connection()
     conn.set_trace_callback(statements.append)
     try:
         broker.enqueue(_message(1))

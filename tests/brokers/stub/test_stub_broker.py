@@ -10,7 +10,8 @@ import pytest
 
 import dq
 from dq import Message, MessageProxy, QueueJoinTimeout, QueueNotFound
-from dq.brokers.stub import StubBroker
+from dq.brokers.steps import uncovered
+from dq.brokers.stub import COMMANDS, StubBroker
 from dq.core import InvalidTransition
 from dq.middleware import Middleware
 
@@ -420,9 +421,6 @@ class _DeclareRecorder(Middleware):
 
 
 def test_the_command_table_covers_every_core_command() -> None:
-    from dq.brokers.steps import uncovered
-    from dq.brokers.stub import COMMANDS
-
     assert uncovered(COMMANDS) == ()
 
 

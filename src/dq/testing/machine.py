@@ -1,38 +1,7 @@
-"""Conformance testing: check a broker against the pure core.
-
-`BrokerConformance` is a Hypothesis rule-based state machine. It drives a broker
-through its public API (declare, enqueue with and without delay, consume, ack, nack,
-requeue, promote, replace, start, close, flush, join; with `Crashes`, consumers that
-die and recovery) and applies the same commands to `dq.core`, the oracle. It accepts
-every behaviour the consumer contract allows and nothing else:
-
-* A consumer may reserve at any time up to ``prefetch`` unsettled messages: what it
-  reserved and has not handed out is invisible, so the model records a reservation
-  (`dq.core.Reserve`) only when ``next()`` reveals it.
-* ``next()`` returns a message the core says is waiting on that queue, with the bytes
-  it was stored with: never one settled, dead-lettered, held by a consumer, flushed or
-  never stored, and never more than ``prefetch`` unsettled at once.
-* FIFO where it is certain: among messages never returned to a queue (requeued,
-  released by a close, recovered), a consumer hands them out in the order they were
-  stored; it may skip one only if another open consumer of the queue has room to
-  hold it unseen, or (delay queues) it is not due yet.
-* ``StopIteration`` is allowed unless the consumer holds nothing and the model proves
-  a message is there for it: more messages wait than the other consumers of the
-  queue have room to hold unseen (on a delay queue: due ones, while fewer not-due
-  ones wait than its prefetch). A broker that delivers asynchronously gets
-  ``delivery_patience_ms`` to deliver it.
-* Dead letters, joins, declare hooks, refused queue names and delivery counts
-  (``suspect``) agree with the core.
-
-Every broker dq ships runs it; so can yours::
-
-    from dq.testing import conformance_test
-
-    TestMyBroker = conformance_test(lambda: MyBroker(...), max_examples=200)
-
-The broker factory is called once per example and must return a broker with no
-queues declared (a fresh namespace on a shared server). Pass ``crashes`` (a
-`Crashes` subclass) to add crash and recovery steps.
+"""`BrokerConformance`, the Hypothesis rule-based state machine of `dq.testing`: its
+rules drive a broker through its public API and apply the same commands to the
+model (`dq.core`, the oracle), and the checks of `dq.testing.contract` judge what
+the broker did. See `dq.testing` for what it accepts.
 """
 
 from __future__ import annotations
@@ -41,90 +10,33 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-import attrs
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from dq import core
-from dq.broker import Broker, Consumer, MessageProxy
+from dq.broker import Broker, MessageProxy
 from dq.core import policy
 from dq.core.machine import deliveries_of, pending, waiting
 from dq.errors import QueueJoinTimeout, QueueNotFound
 from dq.message import Message
 from dq.middleware import Middleware
+from dq.testing.contract import (
+    ConsumerRecord,
+    Held,
+    check_delivered,
+    check_order,
+    check_stored,
+    check_suspect,
+    must_deliver,
+    now_ms,
+    others_room,
+)
+from dq.testing.crashes import Crashes
 
-__all__ = ["BrokerConformance", "Crashes", "conformance_test"]
+__all__ = ["BrokerConformance", "DeadLetterReader"]
 
 #: Reads a broker's dead letters of a canonical queue (message ids, oldest first).
 DeadLetterReader = Callable[[Broker, str], Sequence[str]]
-
-
-class Crashes:
-    """How a broker's consumers die and come back: the machine's crash steps.
-
-    Subclass it for your broker and pass the class (or any callable taking the
-    broker) as ``conformance_test(..., crashes=...)``; one instance is made per
-    example, with that example's broker.
-
-    Attributes:
-        broker: the example's broker (the machine enqueues, flushes and joins on it).
-        max_deliveries: the delivery cap the broker applies when it recovers (0: none);
-            the model dead-letters with the same cap.
-        expires_leases: recovery is lease expiry (the model renews the live
-            consumers' leases, then applies `dq.core.ExpireLeases`) rather than
-            `dq.core.Recover` of each dead consumer.
-        recovers_at_once: the death itself gives back what the consumer held (a
-            server that requeues a closed connection's deliveries): the model applies
-            `dq.core.Recover` at the crash, and `recover` is never called.
-    """
-
-    max_deliveries: int = 0
-    expires_leases: bool = False
-    recovers_at_once: bool = False
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-
-    def consume(self, queue_name: str, prefetch: int, timeout: int) -> Consumer:
-        """Open a consumer that can die on its own (on a broker of its own, when the
-        broker's unit of death is a process). The default: ``broker.consume``."""
-        return self.broker.consume(queue_name, prefetch=prefetch, timeout=timeout)
-
-    def crash(self, consumer: Consumer) -> None:
-        """Make ``consumer`` die holding what it holds: it is never used, settled or
-        closed again. Return once the broker would see it dead."""
-        raise NotImplementedError
-
-    def recover(self) -> None:
-        """Have the broker give back what every dead consumer held (return once it
-        has): a reaper's tick, lease expiry."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release what `consume` made (called at the end of each example)."""
-
-
-@attrs.define
-class _Held:
-    proxy: MessageProxy
-    seq: int
-    started: bool = False
-
-
-@attrs.define(eq=False)
-class _ConsumerRecord:
-    consumer: Consumer
-    consumer_id: str
-    queue_name: str
-    prefetch: int
-    crashable: bool = False  # opened by `Crashes.consume`
-    held: list[_Held] = attrs.field(factory=list)
-
-    @property
-    def room(self) -> bool:
-        """Whether it may hold messages it has not handed out yet."""
-        return len(self.held) < self.prefetch
 
 
 class _Hooks(Middleware):
@@ -161,10 +73,6 @@ class _Fixed:
 
     def draw(self, strategy: Any) -> Any:
         return self.value
-
-
-def _now() -> int:
-    return int(time.time() * 1000)
 
 
 class BrokerConformance(RuleBasedStateMachine):
@@ -210,8 +118,8 @@ class BrokerConformance(RuleBasedStateMachine):
             None if make_crashes is None else make_crashes(self.broker)
         )
         self.model = core.initial_state()
-        self.consumers: list[_ConsumerRecord] = []
-        self.dead: list[_ConsumerRecord] = []  # died, not recovered yet
+        self.consumers: list[ConsumerRecord] = []
+        self.dead: list[ConsumerRecord] = []  # died, not recovered yet
         self.ordered: set[int] = set()  # seqs never returned to a queue since stored
         self.next_consumer = 0
         # Model time of leases: each recovery round renews the live consumers' leases
@@ -249,21 +157,13 @@ class BrokerConformance(RuleBasedStateMachine):
         hooks = self.crash_hooks
         return self.lease_round if hooks is not None and hooks.expires_leases else None
 
-    def _others_room(self, record: _ConsumerRecord) -> int:
-        """How many messages the other open consumers of its queue may hold unseen."""
-        return sum(
-            r.prefetch - len(r.held)
-            for r in self.consumers
-            if r is not record and r.queue_name == record.queue_name
-        )
-
     def _forget_order(self, queue_name: str) -> None:
         """A consumer with room closed or died: what it held unseen went back to the
         queue, in an order nobody knows."""
         for entry in waiting(self.model, queue_name):
             self.ordered.discard(entry.seq)
 
-    def _reserve(self, record: _ConsumerRecord, seq: int) -> None:
+    def _reserve(self, record: ConsumerRecord, seq: int) -> None:
         """Record that ``record``'s consumer reserved entry ``seq`` (waiting on its
         queue), leaving the others waiting."""
         rows = waiting(self.model, record.queue_name)
@@ -277,31 +177,6 @@ class BrokerConformance(RuleBasedStateMachine):
         for skipped in event.entries[:-1]:  # the model's order only: they stay waiting
             self._apply(core.Requeue(skipped.seq))
         self.ordered = ordered
-
-    def _must_deliver(self, record: _ConsumerRecord) -> bool:
-        """Whether the model proves a message is there for ``record``'s consumer."""
-        if record.held:
-            return False  # it may wait for room for a batch
-        now = _now()
-        entries = waiting(self.model, record.queue_name)
-        due = [e for e in entries if e.eta_ms is None or e.eta_ms <= now]
-        if len(entries) - len(due) >= record.prefetch:
-            return False  # it may hold back that many messages that are not due
-        return len(due) > self._others_room(record)
-
-    def _check_order(self, record: _ConsumerRecord, entry: core.Entry) -> None:
-        if entry.seq not in self.ordered:
-            return
-        if self._others_room(record):
-            return  # another consumer may hold what comes first
-        now = _now()
-        for earlier in waiting(self.model, record.queue_name):
-            if earlier.seq < entry.seq and earlier.seq in self.ordered:
-                assert earlier.eta_ms is not None and earlier.eta_ms > now, (
-                    f"{record.consumer_id} delivered {entry.message_id} (stored #{entry.seq}) "
-                    f"before {earlier.message_id} (stored #{earlier.seq}), which waits in "
-                    f"front of it on {record.queue_name!r} and no other consumer may hold"
-                )
 
     # -- rules ------------------------------------------------------------------------
 
@@ -373,30 +248,10 @@ class BrokerConformance(RuleBasedStateMachine):
                 except QueueNotFound:
                     return
                 raise AssertionError(f"enqueue on undeclared {name!r} did not raise QueueNotFound")
-            before = _now()
+            before = now_ms()
             stored = self.broker.enqueue(message, delay=delay)
-            self._stored(message, stored, delay, before)
+            check_stored(message, stored, delay, before, self.broker_options)
             self._apply(core.Enqueue(stored, stored.encode()))
-
-    def _stored(
-        self, message: Message[Any], stored: Message[Any], delay: int | None, before: int
-    ) -> None:
-        """Check ``stored``, what the broker says it stored for ``message`` (enqueued or
-        as a replacement with ``delay``)."""
-        after = _now() + 1
-        assert stored.message_id == message.message_id
-        assert stored.args == message.args
-        assert stored.actor_name == message.actor_name
-        name = policy.q_name(message.queue_name)
-        if delay is None:
-            assert stored.queue_name == message.queue_name
-            assert stored.options.get("eta") == message.options.get("eta")
-        else:
-            assert stored.queue_name == policy.dq_name(name)
-            eta = stored.options["eta"]
-            assert before + delay <= eta <= after + delay, (before, delay, eta, after)
-        for option in self.broker_options:
-            assert option in stored.options, (option, stored)
 
     @rule(
         index=st.integers(0, 1),
@@ -429,7 +284,7 @@ class BrokerConformance(RuleBasedStateMachine):
             consumer = self.broker.consume(name, prefetch=prefetch, timeout=timeout)
         self.next_consumer += 1
         self.consumers.append(
-            _ConsumerRecord(
+            ConsumerRecord(
                 consumer, f"model-consumer-{self.next_consumer}", name, prefetch, crashable
             )
         )
@@ -437,8 +292,8 @@ class BrokerConformance(RuleBasedStateMachine):
     @precondition(lambda self: self.consumers)
     @rule(data=st.data())
     def next_message(self, data: st.DataObject | _Fixed) -> None:
-        record: _ConsumerRecord = data.draw(st.sampled_from(self.consumers))
-        must = self._must_deliver(record)
+        record: ConsumerRecord = data.draw(st.sampled_from(self.consumers))
+        must = must_deliver(self.model, self.consumers, record)
         deadline = time.monotonic() + self.delivery_patience_ms / 1000
         proxy: MessageProxy | None = None
         while proxy is None:
@@ -452,46 +307,19 @@ class BrokerConformance(RuleBasedStateMachine):
                     f"{self.delivery_patience_ms} ms, but "
                     f"{len(waiting(self.model, record.queue_name))} messages wait on "
                     f"{record.queue_name!r} and its other consumers may hold at most "
-                    f"{self._others_room(record)}"
+                    f"{others_room(self.consumers, record)}"
                 )
-        assert len(record.held) < record.prefetch, (
-            f"{record.consumer_id} delivered {proxy.message_id} while holding "
-            f"{len(record.held)} unsettled messages (prefetch {record.prefetch})"
-        )
-        assert proxy.queue_name == record.queue_name, (proxy.queue_name, record.queue_name)
-        entry = next(
-            (e for e in waiting(self.model, record.queue_name) if e.message_id == proxy.message_id),
-            None,
-        )
-        if entry is None:
-            holder = [
-                r.consumer_id
-                for r in (*self.consumers, *self.dead)
-                for h in r.held
-                if h.proxy.message_id == proxy.message_id
-            ]
-            raise AssertionError(
-                f"{record.consumer_id} delivered {proxy.message_id}, which is not waiting on "
-                f"{record.queue_name!r}: "
-                + (f"held by {holder}" if holder else "settled, flushed or never stored")
-            )
-        assert proxy.message.encode() == entry.payload, (proxy.message, entry)
-        self._check_order(record, entry)
+        entry = check_delivered(self.model, (*self.consumers, *self.dead), record, proxy)
+        check_order(self.model, self.ordered, self.consumers, record, entry)
         self._reserve(record, entry.seq)
-        record.held.append(_Held(proxy, entry.seq))
+        record.held.append(Held(proxy, entry.seq))
         self._check_suspect(record, record.held[-1])
 
-    def _check_suspect(self, record: _ConsumerRecord, held: _Held) -> None:
+    def _check_suspect(self, record: ConsumerRecord, held: Held) -> None:
         hooks = self.crash_hooks
         if hooks is None or not hooks.max_deliveries:
             return
-        if type(record.consumer).suspect is Consumer.suspect:
-            return  # it offers no delivery count
-        expected = deliveries_of(self.model, held.seq) > 0
-        assert record.consumer.suspect(held.proxy) == expected, (
-            f"suspect({held.proxy.message_id}) should be {expected}: its consumers died "
-            f"holding it {deliveries_of(self.model, held.seq)} times"
-        )
+        check_suspect(self.model, record, held)
 
     @precondition(lambda self: self.consumers)
     @rule(
@@ -508,8 +336,8 @@ class BrokerConformance(RuleBasedStateMachine):
 
     def _settle(
         self,
-        record: _ConsumerRecord,
-        held: _Held,
+        record: ConsumerRecord,
+        held: Held,
         outcome: type[core.Command],
         data: st.DataObject,
     ) -> None:
@@ -520,7 +348,7 @@ class BrokerConformance(RuleBasedStateMachine):
             reason = data.draw(st.sampled_from(core.DeathReason))
             held.proxy.death_reason = reason
             record.consumer.nack(held.proxy)
-            self._apply(core.Nack(held.seq, _now(), reason))
+            self._apply(core.Nack(held.seq, now_ms(), reason))
         elif outcome is core.Requeue:
             record.consumer.requeue([held.proxy])
             self._apply(core.Requeue(held.seq))
@@ -534,9 +362,9 @@ class BrokerConformance(RuleBasedStateMachine):
             retries = int(message.options.get("retries") or 0) + 1
             new = policy.promoted(message).copy(options={"retries": retries})
             delay = data.draw(st.none() | st.integers(0, 50) | st.integers(0, 10_000_000))
-            before = _now()
+            before = now_ms()
             stored = replace(held.proxy, new, delay)
-            self._stored(new, stored, delay, before)
+            check_stored(new, stored, delay, before, self.broker_options)
             self._apply(core.Replace(held.seq, stored, stored.encode()))
 
     @precondition(lambda self: self.consumers)
@@ -547,7 +375,7 @@ class BrokerConformance(RuleBasedStateMachine):
         for _ in range(times):
             self.next_message(_Fixed(record))
 
-    def _pick_held(self, data: st.DataObject) -> tuple[_ConsumerRecord, _Held]:
+    def _pick_held(self, data: st.DataObject) -> tuple[ConsumerRecord, Held]:
         record = data.draw(st.sampled_from([r for r in self.consumers if r.held]))
         held = record.held.pop(data.draw(st.integers(0, len(record.held) - 1)))
         return record, held
@@ -617,7 +445,7 @@ class BrokerConformance(RuleBasedStateMachine):
         if record.room:
             self._forget_order(record.queue_name)
 
-    def _can_crash(self, record: _ConsumerRecord) -> bool:
+    def _can_crash(self, record: ConsumerRecord) -> bool:
         # Only a consumer known to hold nothing unseen: the model then knows exactly
         # what it held, and so every delivery count.
         return not record.room or not waiting(self.model, record.queue_name)
@@ -629,7 +457,7 @@ class BrokerConformance(RuleBasedStateMachine):
         and dies holding it all (it is never closed)."""
         hooks = self.crash_hooks
         assert hooks is not None
-        record: _ConsumerRecord = data.draw(
+        record: ConsumerRecord = data.draw(
             st.sampled_from([r for r in self.consumers if r.crashable])
         )
         while not self._can_crash(record):
@@ -666,7 +494,7 @@ class BrokerConformance(RuleBasedStateMachine):
     def _recover_model(self) -> None:
         hooks = self.crash_hooks
         assert hooks is not None
-        now = _now()
+        now = now_ms()
         if hooks.expires_leases:
             self.lease_round += 1
             for record in self.consumers:  # the live consumers' keepers renew them
@@ -734,61 +562,3 @@ class BrokerConformance(RuleBasedStateMachine):
             # server may order nacks made in the same millisecond arbitrarily).
             expected = [d.entry.message_id for d in core.machine.dead_letters(self.model, name)]
             assert sorted(reader(self.broker, name)) == sorted(expected)
-
-
-def conformance_test(
-    broker_factory: Callable[[], Broker],
-    *,
-    dead_letters: DeadLetterReader | None = None,
-    queue_names: tuple[str, str] = ("conformance_a", "conformance_b"),
-    consumer_timeout_ms: int = 5,
-    strict_queues: bool = True,
-    broker_options: tuple[str, ...] = (),
-    max_examples: int = 200,
-    stateful_step_count: int = 50,
-    crashes: Callable[[Broker], Crashes] | None = None,
-    delivery_patience_ms: int = 2000,
-    check_queue_names: bool = True,
-    check_declare_hooks: bool = True,
-) -> Any:
-    """Return a ``unittest.TestCase`` class running `BrokerConformance` on a broker.
-
-    Args:
-        broker_factory: returns a fresh broker (no queues declared).
-        dead_letters: reads the broker's dead-letter message ids of a canonical queue.
-        queue_names: two canonical queue names the machine may use.
-        consumer_timeout_ms: the consumers' timeout (time ``next()`` may wait).
-        strict_queues: see `BrokerConformance`.
-        broker_options: see `BrokerConformance`.
-        max_examples: how many runs Hypothesis makes.
-        stateful_step_count: the most steps in one run.
-        crashes: makes each example's `Crashes` from its broker (a `Crashes`
-            subclass will do); None: no crash steps.
-        delivery_patience_ms: see `BrokerConformance`.
-        check_queue_names: see `BrokerConformance`.
-        check_declare_hooks: see `BrokerConformance`.
-    """
-    machine: Any = type(
-        "BrokerConformanceMachine",
-        (BrokerConformance,),
-        {
-            "broker_factory": staticmethod(broker_factory),
-            "dead_letters": None if dead_letters is None else staticmethod(dead_letters),
-            "queue_names": queue_names,
-            "consumer_timeout_ms": consumer_timeout_ms,
-            "strict_queues": strict_queues,
-            "broker_options": broker_options,
-            "crashes": None if crashes is None else staticmethod(crashes),
-            "delivery_patience_ms": delivery_patience_ms,
-            "check_queue_names": check_queue_names,
-            "check_declare_hooks": check_declare_hooks,
-        },
-    )
-    case = machine.TestCase
-    case.settings = settings(
-        max_examples=max_examples,
-        stateful_step_count=stateful_step_count,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
-    return case

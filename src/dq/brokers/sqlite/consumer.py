@@ -1,12 +1,11 @@
-"""The consumer of `dq.brokers.sqlite.SqliteBroker`, and the transactions that settle
-or mark one reserved row (the consumer's rows of `dq.brokers.sqlite.COMMANDS`).
+"""`SqliteConsumer`, the consumer of a `dq.brokers.sqlite.SqliteBroker`: it reserves
+rows in batches, hands them out, and settles them.
 
-Each ``_ack``, ``_nack``, ``_requeue``, ``_release``, ``_promote``, ``_replace`` and
-``_start`` method is the body of one ``BEGIN IMMEDIATE`` transaction (the broker's
-``_write`` runs it, retried while the database is locked) and only moves data: what
-to do was decided before (by the worker and `dq.core.policy`). Every statement is
-guarded by ``consumer = ?``: a consumer whose lease lapsed, and whose rows were
-recovered meanwhile, changes nothing (it is logged).
+Each settlement (ack, nack, requeue, release, promote, replace, start) is one
+transaction of the broker's `dq.brokers.sqlite.database.Database`, which only moves
+rows: what to do was decided before (by the worker and `dq.core.policy`). A
+settlement of a row this consumer no longer holds (its lease lapsed and the row was
+recovered meanwhile) changes nothing, and is logged.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dq import runtime
 from dq.broker import MessageProxy
@@ -25,38 +24,16 @@ from dq.errors import BrokerConnectionError
 from dq.message import Message
 
 if TYPE_CHECKING:
-    import sqlite3
-
-    from dq.brokers.sqlite import SqliteBroker
+    from dq.brokers.sqlite.broker import SqliteBroker
 
 __all__ = ["SqliteConsumer", "sort_reserved"]
 
 M = TypeVar("M", bound=Message[Any])
 
-# A requeue keeps the row's delivery count (the core's Requeue keeps it) but not its
-# run mark: it waits again.
-_COPY_TO_TAIL: Final = """INSERT INTO dq_messages (queue, message_id, priority, eta, payload,
-        deliveries)
-    SELECT queue, message_id, priority, eta, payload, deliveries FROM dq_messages
-    WHERE seq = ? AND consumer = ?"""
-_DELETE_HELD: Final = "DELETE FROM dq_messages WHERE seq = ? AND consumer = ?"
-_NACK_HELD: Final = """INSERT INTO dq_dead (queue, message_id, payload, dead_at, reason)
-    SELECT ?, message_id, payload, ?, ? FROM dq_messages WHERE seq = ? AND consumer = ?"""
-_INSERT_IF_HELD: Final = """INSERT INTO dq_messages (queue, message_id, priority, eta, payload)
-    SELECT ?, ?, ?, ?, ? WHERE EXISTS
-        (SELECT 1 FROM dq_messages WHERE seq = ? AND consumer = ?)"""
-
-#: A row to store: queue, message_id, priority, eta, payload.
-Row = tuple[str, str, int, "int | None", bytes]
 #: A row that cannot be delivered: seq, message id, reason, what is wrong with it.
 Reject = tuple[int, str, DeathReason, str]
 
 _consumer_ids = itertools.count(1)
-
-
-def now_ms() -> int:
-    """The runtime clock's ms (dead letters' times, dead-letter expiry)."""
-    return runtime.get_clock().now_ms()
 
 
 def sort_reserved(
@@ -155,7 +132,9 @@ class SqliteConsumer(BufferedConsumer[int]):
             if closed:
                 return False
             if room >= self._min_batch:
-                rows = broker._reserve_rows(self.queue_name, self.consumer_id, room)
+                rows = broker._database.reserve(
+                    self.queue_name, self.consumer_id, room, broker.lease
+                )
                 if rows:
                     good, suspects, bad = sort_reserved(rows)
                     with self._lock:
@@ -187,9 +166,9 @@ class SqliteConsumer(BufferedConsumer[int]):
         if not rejects:
             return
         items = [(seq, reason) for seq, _, reason, _ in rejects]
-        now = now_ms()
+        now = runtime.get_clock().now_ms()
         try:
-            self.broker._write(lambda conn: self._nack(conn, items, now))
+            self.broker._database.nack(self.consumer_id, self.queue_name, items, now)
         except BrokerConnectionError as e:
             self.broker.logger.warning(
                 "Could not dead-letter %d bad rows of %r yet (%s); retrying.",
@@ -241,22 +220,14 @@ class SqliteConsumer(BufferedConsumer[int]):
         if not self._suspects or seq not in self._suspects:
             return
         run = Run.ALONE if alone else Run.SHARED
-        self.broker._write(lambda conn: self._start(conn, seq, run))
-
-    def _start(self, conn: sqlite3.Connection, seq: int, run: Run) -> int:
-        return int(
-            conn.execute(
-                "UPDATE dq_messages SET run = ? WHERE seq = ? AND consumer = ?",
-                (run.value, seq, self.consumer_id),
-            ).rowcount
-        )
+        self.broker._database.start(self.consumer_id, seq, run)
 
     # -- settling ------------------------------------------------------------------------
 
-    def _settle(self, seq: int, body: Callable[[sqlite3.Connection], int]) -> int:
+    def _settle(self, seq: int, transaction: Callable[[], int]) -> int:
         """Run one settling transaction of ``seq`` and free its prefetch slot."""
         try:
-            return self.broker._write(body)
+            return transaction()
         finally:
             self._forget([seq])
 
@@ -272,23 +243,7 @@ class SqliteConsumer(BufferedConsumer[int]):
 
     def _send_ack_batch(self, batch: list[int]) -> None:
         """Delete the acked rows this consumer still holds, in one transaction."""
-        self._lost(len(batch) - self.broker._write(lambda conn: self._ack(conn, batch)), "acked")
-
-    def _ack(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
-        consumer_id = self.consumer_id
-        return sum(conn.execute(_DELETE_HELD, (seq, consumer_id)).rowcount for seq in seqs)
-
-    def _nack(
-        self, conn: sqlite3.Connection, items: Iterable[tuple[int, DeathReason]], now: int
-    ) -> int:
-        consumer_id = self.consumer_id
-        dead_queue = policy.q_name(self.queue_name)
-        moved = 0
-        for seq, reason in items:
-            if conn.execute(_NACK_HELD, (dead_queue, now, reason.value, seq, consumer_id)).rowcount:
-                conn.execute(_DELETE_HELD, (seq, consumer_id))
-                moved += 1
-        return moved
+        self._lost(len(batch) - self.broker._database.ack(self.consumer_id, batch), "acked")
 
     def _dead_letter(self, tag: int) -> None:
         """Dead-letter an undecodable message (the base class logged why)."""
@@ -307,9 +262,13 @@ class SqliteConsumer(BufferedConsumer[int]):
         """Move ``message`` to its canonical queue's dead letters with its
         ``death_reason``, in one transaction."""
         seq = _seq(message)
-        item = [(seq, message.death_reason)]
-        now = now_ms()
-        self._lost(1 - self._settle(seq, lambda conn: self._nack(conn, item, now)), "dead-lettered")
+        items = [(seq, message.death_reason)]
+        now = runtime.get_clock().now_ms()
+        database = self.broker._database
+        done = self._settle(
+            seq, lambda: database.nack(self.consumer_id, self.queue_name, items, now)
+        )
+        self._lost(1 - done, "dead-lettered")
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Return unprocessed ``messages`` to the tail of their queue, in order, in one
@@ -324,24 +283,12 @@ class SqliteConsumer(BufferedConsumer[int]):
     def _give_back(self, seqs: list[int], *, release: bool = False) -> int:
         """Requeue ``seqs`` (or, ``release``, everything this consumer returns as it
         closes) in one transaction; return how many it still held."""
-        body = self._release if release else self._requeue
+        database = self.broker._database
+        step = database.release if release else database.requeue
         try:
-            return self.broker._write(lambda conn: body(conn, seqs))
+            return step(self.consumer_id, seqs)
         finally:
             self.broker._notify()
-
-    def _requeue(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
-        consumer_id = self.consumer_id
-        done = 0
-        for seq in seqs:
-            if conn.execute(_COPY_TO_TAIL, (seq, consumer_id)).rowcount:
-                conn.execute(_DELETE_HELD, (seq, consumer_id))
-                done += 1
-        return done
-
-    def _release(self, conn: sqlite3.Connection, seqs: list[int]) -> int:
-        # The core's Release is a Requeue of each row the consumer holds, oldest first.
-        return self._requeue(conn, sorted(seqs))
 
     def promote(self, message: MessageProxy) -> Message[Any]:
         """Store the ready copy of a held delayed message and forget the held one, in
@@ -353,13 +300,10 @@ class SqliteConsumer(BufferedConsumer[int]):
         broker = self.broker
         seq = _seq(message)
         stored, row = broker._prepare(policy.promoted(message.message), None, 0, hooks=False)
-        if not self._settle(seq, lambda conn: self._promote(conn, seq, row)):
+        database = broker._database
+        if not self._settle(seq, lambda: database.promote(self.consumer_id, seq, row)):
             self._lost(1, "promoted")
         return stored
-
-    def _promote(self, conn: sqlite3.Connection, seq: int, row: Row) -> int:
-        # The same moves as a replacement: the new row, then the held one deleted.
-        return self._replace(conn, seq, row)
 
     def replace(self, message: MessageProxy, new: M, delay: int | None, *, hooks: bool = True) -> M:
         """Store ``new`` (after ``delay`` ms) and ack ``message`` in one transaction.
@@ -377,20 +321,13 @@ class SqliteConsumer(BufferedConsumer[int]):
         """
         broker = self.broker
         seq = _seq(message)
-        stored, row = broker._prepare(new, delay, now_ms(), hooks=hooks)
-        if not self._settle(seq, lambda conn: self._replace(conn, seq, row)):
+        stored, row = broker._prepare(new, delay, runtime.get_clock().now_ms(), hooks=hooks)
+        database = broker._database
+        if not self._settle(seq, lambda: database.replace(self.consumer_id, seq, row)):
             self._lost(1, "replaced")
         elif hooks and broker._hooks.after_enqueue:
             broker._run_after(broker._hooks.after_enqueue, stored, delay)
         return stored
-
-    def _replace(self, conn: sqlite3.Connection, seq: int, row: Row) -> int:
-        # The new row first, and only if this consumer still holds the original;
-        # then the original.
-        if not conn.execute(_INSERT_IF_HELD, (*row, seq, self.consumer_id)).rowcount:
-            return 0
-        conn.execute(_DELETE_HELD, (seq, self.consumer_id))
-        return 1
 
     def close(self) -> None:
         """Send pending acks and return everything this consumer holds (reserved or
