@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.common import getenv_int
 from dq.logging import get_logger
 from dq.middleware.middleware import Middleware

@@ -13,8 +13,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.broker import Broker, Consumer
 from dq.brokers._checks import (
     StoredQueueNames,

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pika
 import pika.exceptions
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.broker import MessageProxy
 from dq.brokers.rabbitmq import _pika
 from dq.brokers.rabbitmq.errors import MessageUnroutable, RabbitmqConnectionClosed

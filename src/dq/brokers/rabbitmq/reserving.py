@@ -18,8 +18,8 @@ import pika
 import pika.exceptions
 import pika.spec
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.brokers._buffered import BufferedConsumer
 from dq.brokers.rabbitmq import _pika, reservation
 from dq.brokers.rabbitmq.errors import (

@@ -106,8 +106,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import attrs
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.broker import Broker, Consumer
 from dq.brokers._checks import (
     StoredQueueNames,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.brokers.redis import _calls, _resp
 from dq.brokers.redis._keys import Keys
 

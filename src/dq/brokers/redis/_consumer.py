@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.broker import MessageProxy
 from dq.brokers._buffered import BufferedConsumer
 from dq.brokers.redis import _calls, _resp

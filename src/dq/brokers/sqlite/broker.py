@@ -15,8 +15,8 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, Final, TypeVar
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.broker import Broker, Consumer
 from dq.brokers._checks import (
     StoredQueueNames,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.broker import MessageProxy
 from dq.brokers._buffered import BufferedConsumer
 from dq.core import DeathReason, Run, policy

@@ -23,8 +23,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.broker import Broker, Consumer, MessageProxy
 from dq.brokers._checks import delayed_if_asked
 from dq.brokers.steps import Cannot, CommandTable, ServerStep

@@ -11,8 +11,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dq import _sources as runtime
 from dq import message as _message
-from dq import runtime
 from dq.broker import Consumer, MessageProxy
 from dq.brokers._checks import delayed_if_asked
 from dq.core import (

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from dq import runtime
+from dq import _sources as runtime
 from dq.results.backend import (
     Missing,
     MResult,
