@@ -117,6 +117,9 @@ class Stack:
                 conn.delete(*self.limits.written)
             conn.close()
         elif isinstance(self.limits, RecordingMemcachedLimits):
+            self.limits.pool.close()  # its sockets, not left for the garbage collector
+            if isinstance(self.results, ResultsMemcached):
+                self.results.pool.close()
             client = MemcacheClient(MEMCACHED)
             client.delete_many(list(self.limits.written), noreply=False)
             client.close()

@@ -91,6 +91,7 @@ def backend_and_keys(request: pytest.FixtureRequest) -> Iterator[tuple[RateLimit
     else:
         backend = MemcachedBackend(servers=["127.0.0.1:11211"])
         yield backend, keys
+        backend.pool.close()  # its sockets, not left for the garbage collector
         # Memcached cannot list keys: delete every key the test named, and the keys
         # limiters derive from them (events lists; buckets and windows use the
         # fixed clock, whose keys the tests add to `keys.used` themselves).

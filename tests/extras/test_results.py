@@ -103,6 +103,9 @@ def _cleanup(env: Env) -> None:
         redis_support.delete_namespace(conn, env.namespace)
         conn.close()
     elif env.kind == "memcached":
+        for backend in backends:
+            assert isinstance(backend, MemcachedBackend)
+            backend.pool.close()  # its sockets, not left for the garbage collector
         client = MemcacheClient(MEMCACHED)
         for key in keys:
             client.delete(key, noreply=False)
