@@ -8,15 +8,16 @@ checking every field on the way in. Records carry no serialisation config.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
-
-import cattrs
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dq.core import EMPTY, FrozenDict
 from dq.core import Message as CoreMessage
 from dq.core._frozendict import deep_freeze, freeze_options
 from dq.encoder import Encoder, JSONEncoder, MessageData, excerpt
 from dq.errors import DecodeError
+
+if TYPE_CHECKING:
+    import cattrs
 
 __all__ = [
     "FIELDS",
@@ -128,6 +129,10 @@ def make_converter() -> cattrs.Converter:
     which encoders write as an array); structuring checks every field and raises
     `DecodeError` naming the problem.
     """
+    # Loaded here, not at the top: only custom encoders need it, and it costs each
+    # process about 2.5 MB and 30 ms (bench/run.sh cli reports the worker RSS).
+    import cattrs  # noqa: PLC0415 - costly to load, and most processes never need it
+
     converter = cattrs.Converter()
     converter.register_unstructure_hook(FrozenDict, lambda d: d)
     converter.register_unstructure_hook_func(

@@ -25,7 +25,15 @@ from tests.support.import_graph import (
 
 #: Function-local imports are allowed only for these optional or costly-to-load
 #: dependencies, and fewer than `LOCAL_IMPORT_BUDGET` in all.
-OPTIONAL_DEPENDENCIES = {"prometheus_client", "gevent", "watchdog", "redis", "ssl", "pika"}
+OPTIONAL_DEPENDENCIES = {
+    "prometheus_client",
+    "gevent",
+    "watchdog",
+    "redis",
+    "ssl",
+    "pika",
+    "cattrs",
+}
 LOCAL_IMPORT_BUDGET = 10
 
 
