@@ -279,7 +279,7 @@ def wait_recovered(
         parent.recover()
         return not ack_set_keys(client, namespace, dead)
 
-    wait_until(recovered, what, HEARTBEAT_TIMEOUT + 5000, interval=0.1)
+    wait_until(recovered, what, (HEARTBEAT_TIMEOUT + 5000) / 1000, interval=0.1)
 
 
 # -- 1. a consumer dies between fetch and ack ------------------------------------------------
@@ -343,7 +343,7 @@ def test_messages_of_a_consumer_dead_between_fetch_and_ack_are_recovered_in_time
     wait_until(
         lambda: not ack_set_keys(client, namespace, dead_id),
         "the dead consumer's ack set to be recovered",
-        HEARTBEAT_TIMEOUT + REQUEUE_INTERVAL + 5000,
+        (HEARTBEAT_TIMEOUT + REQUEUE_INTERVAL + 5000) / 1000,  # seconds
         interval=0.005,
     )
     recovered_ms = time.time() * 1000
@@ -614,7 +614,7 @@ def test_messages_of_a_sigkilled_worker_are_finished_by_a_fresh_one(
     wait_until(
         lambda: not ack_set_keys(client, namespace, child.broker_id),
         "the dead worker's ack sets to be recovered",
-        HEARTBEAT_TIMEOUT + REQUEUE_INTERVAL + 5000,
+        (HEARTBEAT_TIMEOUT + REQUEUE_INTERVAL + 5000) / 1000,  # seconds
         interval=0.005,
     )
     recovery = time.monotonic() - killed
